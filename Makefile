@@ -1,0 +1,47 @@
+# ldm — make help lists the targets. Every target does its own set-up (a .venv made with pip).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# The embedded default writes here; override RUN=... to keep several.
+RUN ?= outputs/default
+# torch/torchvision pinned to releases that pip's local cache holds; any version in pyproject's range works.
+TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
+PYTEST_ARGS ?=
+
+.PHONY: help install train train-vae train-ldm test test-fast lint clean
+
+help:  ## list the targets
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-12s %s\n", $$1, $$2}'
+
+install: $(STAMP)  ## create .venv with pip and install ldm (editable) with its dev extras; idempotent
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q $(TORCH_PIN)
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+train: install  ## the embedded default end to end: autoencoder, class-conditional LDM, 10x100 samples + grid
+	$(BIN)/python -m ldm.pipeline run_dir=$(RUN)
+
+train-vae: install  ## stage 1 only (args: ARGS="model/vae=kl_f8 ...")
+	$(BIN)/ldm-train stage=vae $(ARGS)
+
+train-ldm: install  ## stage 2 only (args: ARGS="first_stage.path=<export> cond=text ...")
+	$(BIN)/ldm-train stage=ldm $(ARGS)
+
+test: install  ## the test suite (CPU)
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+test-fast: install  ## the suite without tests marked slow
+	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+lint: install  ## ruff
+	$(BIN)/ruff check ldm tests benchmarks
+
+clean:  ## remove run outputs and caches (keeps .venv)
+	rm -rf outputs multirun .pytest_cache .ruff_cache
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

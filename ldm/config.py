@@ -1,0 +1,92 @@
+"""Config plumbing shared by the Hydra entry points: resolvers and clear start-up errors."""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+from typing import Any
+
+from hydra.errors import InstantiationException
+from hydra.utils import get_object, instantiate
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+
+class ConfigError(ValueError):
+    """A config that cannot work, found before any training starts."""
+
+
+def _embedded_minilm() -> str:
+    from ldm.nets.conditioners import embedded_minilm_path
+
+    return embedded_minilm_path()
+
+
+def _export_latent_channels(path: Any, default: Any = 4) -> int:
+    from ldm.io.export import export_latent_channels
+
+    return export_latent_channels(None if path is None else str(path), int(default))
+
+
+def register_resolvers() -> None:
+    """Resolvers the configs use; idempotent so tests and entry points can both call it."""
+    resolvers = {
+        "ldm.embedded_minilm": _embedded_minilm,
+        "ldm.export_latent_channels": _export_latent_channels,
+    }
+    for name, fn in resolvers.items():
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, fn, use_cache=True)
+
+
+def check_constructor_keys(node: Any, where: str = "") -> None:
+    """Walk a config and check every ``_target_`` node's keys against its constructor's signature.
+
+    Hydra would only fail at instantiate time, possibly after minutes of data preparation, with a bare
+    ``TypeError``. This names the misspelt key, where it is, and the closest valid name.
+    """
+    if isinstance(node, DictConfig):
+        target = node.get("_target_") if "_target_" in node else None
+        if target is not None:
+            _check_target(node, str(target), where)
+        for key in node.keys():
+            if OmegaConf.is_missing(node, key):
+                continue
+            try:
+                child = node[key]
+            except Exception:  # an interpolation that can't resolve yet is checked at instantiate time
+                continue
+            check_constructor_keys(child, f"{where}.{key}" if where else str(key))
+    elif isinstance(node, ListConfig):
+        for i, child in enumerate(node):
+            check_constructor_keys(child, f"{where}[{i}]")
+
+
+def _check_target(node: DictConfig, target: str, where: str) -> None:
+    try:
+        obj = get_object(target)
+    except Exception as err:
+        raise ConfigError(f"{where or 'config'}: _target_ {target!r} cannot be imported ({err})") from err
+    fn = obj.__init__ if inspect.isclass(obj) else obj
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    valid = [name for name in params if name != "self"]
+    for key in node.keys():
+        key = str(key)
+        if key.startswith("_") and key.endswith("_"):
+            continue
+        if key not in valid:
+            close = difflib.get_close_matches(key, valid, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else f" Valid keys: {', '.join(valid)}."
+            raise ConfigError(f"{where}: {target} has no argument {key!r}.{hint}")
+
+
+def instantiate_checked(node: DictConfig, where: str, **kwargs: Any) -> Any:
+    """``hydra.utils.instantiate`` whose errors say which config node failed and why."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as err:
+        raise ConfigError(f"could not build `{where}` from its config: {err}") from err

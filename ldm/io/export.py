@@ -1,0 +1,154 @@
+"""Export folders: ``model.safetensors`` + the resolved ``config.yaml`` + ``meta.json``.
+
+An export is what everything downstream of training loads (stage 2 loads a stage-1 export, the
+sampling and evaluation CLIs load a stage-2 export) without Lightning and without unpickling anything.
+Every file is written atomically, so a killed process never leaves a half-written export in place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+WEIGHTS = "model.safetensors"
+CONFIG = "config.yaml"
+META = "meta.json"
+
+
+class ExportError(ValueError):
+    """An export folder is missing, incomplete or of the wrong kind."""
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success fsync it and rename it over ``path``.
+
+    The rename is atomic on POSIX, so readers see either the old file or the complete new one,
+    also when the writer is killed (SIGKILL) or the disk fills up half-way.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        with open(tmp_path, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    finally:
+        tmp_path.unlink(missing_ok=True)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def save_tensors_atomic(path: str | os.PathLike, tensors: dict[str, torch.Tensor]) -> None:
+    # safetensors refuses shared storage and non-contiguous views; exports own their memory.
+    owned = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
+    with atomic_path(path) as tmp:
+        save_file(owned, str(tmp))
+
+
+def save_export(
+    folder: str | os.PathLike,
+    tensors: dict[str, torch.Tensor],
+    config: dict | DictConfig,
+    meta: dict[str, Any],
+) -> Path:
+    """Write an export folder. ``config`` holds ``_target_`` nodes; ``meta`` must name a ``kind``."""
+    if "kind" not in meta:
+        raise ValueError("export meta must name its kind ('autoencoder' or 'ldm')")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if isinstance(config, DictConfig):
+        config = OmegaConf.to_container(config, resolve=True)
+    save_tensors_atomic(folder / WEIGHTS, tensors)
+    write_text_atomic(folder / CONFIG, OmegaConf.to_yaml(OmegaConf.create(config)))
+    # meta.json is written last: its presence marks a complete export.
+    write_text_atomic(folder / META, json.dumps(meta, indent=2, sort_keys=True))
+    return folder
+
+
+def read_export(folder: str | os.PathLike, kind: str | None = None):
+    """Read (tensors, config, meta) of an export folder, failing with a message that names the fix."""
+    if folder is None or str(folder) in ("", "None", "null"):
+        raise ExportError(
+            "no export folder given: set first_stage.path=<stage-1 run>/export "
+            "(the folder `ldm-train stage=vae` prints at the end)"
+        )
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ExportError(f"export folder {folder} does not exist (expected a folder holding {WEIGHTS})")
+    for name in (WEIGHTS, CONFIG, META):
+        if not (folder / name).is_file():
+            raise ExportError(f"export folder {folder} is incomplete: {name} is missing")
+    meta = json.loads((folder / META).read_text())
+    if kind is not None and meta.get("kind") != kind:
+        raise ExportError(f"{folder} is an export of kind {meta.get('kind')!r}, but a {kind!r} export is needed")
+    try:
+        tensors = load_file(str(folder / WEIGHTS))
+    except SafetensorError as err:
+        raise ExportError(f"{folder / WEIGHTS} is not a readable safetensors file: {err}") from err
+    config = OmegaConf.load(folder / CONFIG)
+    return tensors, config, meta
+
+
+def load_state_strict(module: torch.nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
+    """``load_state_dict(strict=True)`` with a report that lists what did not match."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(tensors))
+    unexpected = sorted(set(tensors) - set(own))
+    shape = sorted(k for k in set(own) & set(tensors) if own[k].shape != tensors[k].shape)
+    if missing or unexpected or shape:
+        lines = [f"weights in {source} do not fit {type(module).__name__}:"]
+        if missing:
+            lines.append(f"  missing ({len(missing)}): {missing[:8]}")
+        if unexpected:
+            lines.append(f"  unexpected ({len(unexpected)}): {unexpected[:8]}")
+        for k in shape[:8]:
+            lines.append(f"  shape of {k}: checkpoint {tuple(tensors[k].shape)} vs model {tuple(own[k].shape)}")
+        raise ExportError("\n".join(lines))
+    module.load_state_dict(tensors, strict=True)
+
+
+def frozen(module: torch.nn.Module) -> torch.nn.Module:
+    module.eval()
+    module.requires_grad_(False)
+    return module
+
+
+def load_autoencoder(folder: str | os.PathLike) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Load a stage-1 export as a frozen autoencoder, with its meta (latent statistics)."""
+    tensors, config, meta = read_export(folder, kind="autoencoder")
+    autoencoder = instantiate(config.autoencoder)
+    load_state_strict(autoencoder, tensors, str(folder))
+    return frozen(autoencoder), meta
+
+
+def export_latent_channels(folder: str | None, default: int) -> int:
+    """Latent channels of a stage-1 export (for config interpolation); ``default`` if none is set."""
+    if folder is None or str(folder) in ("", "None", "null"):
+        return int(default)
+    meta_path = Path(folder) / META
+    if not meta_path.is_file():
+        raise ExportError(f"first_stage.path={folder} is not an export folder (no {META})")
+    return int(json.loads(meta_path.read_text())["latent_channels"])

@@ -1,0 +1,61 @@
+"""Exponential moving average of a network's weights (Polyak averaging), used for sampling/validation."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class EMAConfig:
+    """``decay`` is the target decay; early updates use min(decay, (1 + n) / (warmup_steps + n)),
+    so the average is not dominated by the random initialisation (CompVis LitEma uses warmup_steps=10).
+    """
+
+    decay: float = 0.9999
+    warmup_steps: int = 10
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.decay < 1.0:
+            raise ValueError(f"ema.decay must be in [0, 1), got {self.decay}")
+        if self.warmup_steps < 1:
+            raise ValueError(f"ema.warmup_steps must be >= 1, got {self.warmup_steps}")
+
+
+class EMA(nn.Module):
+    """Holds a frozen copy of ``model`` and moves it towards the live weights after each optimizer step.
+
+    A submodule of the LightningModule, so its weights and update count are in every checkpoint and a
+    resumed run continues the same average. Under DDP the live weights are identical on every rank after
+    the optimizer step, so each rank's copy stays identical without communication.
+    """
+
+    def __init__(self, model: nn.Module, config: EMAConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
+
+    def current_decay(self) -> float:
+        n = int(self.num_updates)
+        return min(self.config.decay, (1 + n) / (self.config.warmup_steps + n))
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        decay = self.current_decay()
+        ema_params = list(self.model.parameters())
+        live_params = list(model.parameters())
+        # ema <- ema + (1 - decay) * (live - ema), one fused kernel over all tensors.
+        torch._foreach_lerp_(ema_params, [p.detach().to(e.dtype) for p, e in zip(live_params, ema_params)], 1.0 - decay)
+        for ema_buf, buf in zip(self.model.buffers(), model.buffers()):
+            ema_buf.copy_(buf)
+        self.num_updates += 1
+
+    def train(self, mode: bool = True) -> EMA:
+        # The averaged copy is only ever evaluated (dropout off).
+        super().train(mode)
+        self.model.eval()
+        return self

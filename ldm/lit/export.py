@@ -1,0 +1,108 @@
+"""Callbacks that write the export folder (safetensors + config) at the end of training."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from ldm.io.export import read_export, save_export
+
+
+@torch.no_grad()
+def latent_statistics(autoencoder: torch.nn.Module, dataloader, max_batches: int = 20) -> dict[str, Any]:
+    """Mean and std of posterior samples over the first ``max_batches`` training batches.
+
+    1/std is the scale factor stage 2 uses by default (scale_by_std, Rombach et al. 2022 sec. 4.3.2),
+    so measured here once, on the data the autoencoder was trained on, with posterior noise included.
+    """
+    was_training = autoencoder.training
+    autoencoder.eval()
+    device = next(autoencoder.parameters()).device
+    total = total_sq = None
+    count = 0
+    for i, batch in enumerate(dataloader):
+        if i >= max_batches:
+            break
+        z = autoencoder.encode(batch["image"].to(device)).sample().double()  # (B, C, h, w)
+        per_channel = z.transpose(0, 1).flatten(1)  # (C, B*h*w)
+        s, sq = per_channel.sum(1), (per_channel**2).sum(1)
+        total = s if total is None else total + s
+        total_sq = sq if total_sq is None else total_sq + sq
+        count += per_channel.shape[1]
+    autoencoder.train(was_training)
+    if count == 0:
+        raise ValueError("cannot measure latent statistics: the training dataloader is empty")
+    mean_c = total / count
+    var_c = total_sq / count - mean_c**2
+    mean = total.sum() / (count * len(total))
+    var = total_sq.sum() / (count * len(total)) - mean**2
+    return {
+        "latent_mean": float(mean),
+        "latent_std": float(var.clamp_min(0).sqrt()),
+        "latent_mean_per_channel": mean_c.tolist(),
+        "latent_std_per_channel": var_c.clamp_min(0).sqrt().tolist(),
+        "latent_stats_count": int(count),
+    }
+
+
+class AutoencoderExport(pl.Callback):
+    """Writes ``<run>/export``: the autoencoder weights (CompVis first-stage key layout), its config and
+    latent statistics, so stage 2 and the sampling CLI load it without Lightning."""
+
+    def __init__(self, folder: str | Path, autoencoder_config: dict) -> None:
+        self.folder = Path(folder)
+        self.autoencoder_config = autoencoder_config
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        autoencoder = pl_module.autoencoder
+        stats = latent_statistics(autoencoder, trainer.datamodule.train_dataloader())
+        meta = {
+            "kind": "autoencoder",
+            "latent_channels": int(autoencoder.embed_dim),
+            "downsample_factor": int(autoencoder.downsample_factor),
+            "global_step": int(trainer.global_step),
+            **stats,
+        }
+        save_export(self.folder, autoencoder.state_dict(), {"autoencoder": self.autoencoder_config}, meta)
+        print(f"autoencoder export: {self.folder}", flush=True)
+
+
+class LatentDiffusionExport(pl.Callback):
+    """Writes ``<run>/export``: one safetensors file in the CompVis single-file layout
+    (``model.diffusion_model.*`` = EMA UNet, ``cond_stage_model.*``, ``first_stage_model.*``,
+    ``scale_factor``) and a config that rebuilds every part."""
+
+    def __init__(self, folder: str | Path, cfg: DictConfig) -> None:
+        self.folder = Path(folder)
+        self.cfg = cfg
+
+    def export_config(self, pl_module: pl.LightningModule) -> dict[str, Any]:
+        cfg = self.cfg
+        _, first_stage_cfg, _ = read_export(cfg.first_stage.path, kind="autoencoder")
+        return {
+            "unet": OmegaConf.to_container(cfg.model.ldm.unet, resolve=True),
+            "conditioner": OmegaConf.to_container(cfg.cond.conditioner, resolve=True),
+            "objective": OmegaConf.to_container(cfg.objective, resolve=True),
+            "autoencoder": OmegaConf.to_container(first_stage_cfg.autoencoder, resolve=True),
+            "sampler": OmegaConf.to_container(cfg.sampler, resolve=True),
+            "scale_factor": float(pl_module.first_stage.scale_factor),
+            "data": OmegaConf.to_container(cfg.data, resolve=True),
+        }
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        meta = {
+            "kind": "ldm",
+            "latent_channels": int(pl_module.first_stage.latent_channels),
+            "global_step": int(trainer.global_step),
+            "first_stage_export": str(self.cfg.first_stage.path),
+        }
+        save_export(self.folder, pl_module.export_tensors(), self.export_config(pl_module), meta)
+        print(f"latent diffusion export: {self.folder}", flush=True)
