@@ -25,7 +25,8 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 train: install  ## the embedded default end to end: autoencoder, class-conditional LDM, 10x100 samples + grid
-	$(BIN)/python -m ldm.pipeline run_dir=$(RUN)
+	$(BIN)/ldm-train stage=vae hydra.run.dir=$(RUN)/vae group=default $(ARGS)
+	$(BIN)/ldm-train stage=ldm first_stage.path=$(RUN)/vae/export hydra.run.dir=$(RUN)/ldm group=default $(ARGS)
 
 train-vae: install  ## stage 1 only (args: ARGS="model/vae=kl_f8 ...")
 	$(BIN)/ldm-train stage=vae $(ARGS)

@@ -32,6 +32,8 @@ def register_resolvers() -> None:
     resolvers = {
         "ldm.embedded_minilm": _embedded_minilm,
         "ldm.export_latent_channels": _export_latent_channels,
+        # e.g. UNet in_channels = latent channels + concat-conditioning channels.
+        "ldm.add": lambda *xs: sum(int(x) for x in xs),
     }
     for name, fn in resolvers.items():
         if not OmegaConf.has_resolver(name):

