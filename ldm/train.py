@@ -22,6 +22,8 @@ from ldm.lit.export import AutoencoderExport, LatentDiffusionExport
 
 log = logging.getLogger("ldm.train")
 register_resolvers()
+# An absolute path: relative ones would be resolved against the `ldm` package, where conf/ is not.
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
 STAGES = ("vae", "ldm")
 
@@ -122,7 +124,7 @@ def _finish_wandb() -> None:
         pass
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 def main(cfg: DictConfig) -> float | None:
     results = train(cfg)
     # A scalar lets Hydra sweepers (e.g. Optuna) optimise the run.

@@ -27,11 +27,13 @@ def compose_train(overrides: list[str], tmp_path: Path | None = None) -> DictCon
     """Compose conf/train.yaml as ldm-train would, with the run folder under ``tmp_path``."""
     extra = []
     if tmp_path is not None:
-        extra = [f"paths.output_dir={tmp_path}", f"paths.cache_dir={tmp_path / 'cache'}"]
+        extra = [f"paths.output_dir={tmp_path}"]
+        if not any(o.startswith("paths.cache_dir=") for o in overrides):
+            extra.append(f"paths.cache_dir={tmp_path / 'cache'}")
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose("train", overrides=[*overrides, *extra])
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def compose_cfg():
     return compose_train

@@ -9,6 +9,7 @@ import lightning.pytorch as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from ldm.io.compvis import autoencoder_config_node
 from ldm.io.export import read_export, save_export
 
 
@@ -82,14 +83,21 @@ class LatentDiffusionExport(pl.Callback):
         self.folder = Path(folder)
         self.cfg = cfg
 
+    def first_stage_config(self, autoencoder: torch.nn.Module) -> dict[str, Any]:
+        """The stage-1 export's own config (any autoencoder type), or one derived from a pretrained KL model."""
+        path = self.cfg.first_stage.get("path")
+        if path is not None and (Path(str(path)) / "meta.json").is_file():
+            _, config, _ = read_export(path, kind="autoencoder")
+            return OmegaConf.to_container(config.autoencoder, resolve=True)
+        return autoencoder_config_node(autoencoder)
+
     def export_config(self, pl_module: pl.LightningModule) -> dict[str, Any]:
         cfg = self.cfg
-        _, first_stage_cfg, _ = read_export(cfg.first_stage.path, kind="autoencoder")
         return {
             "unet": OmegaConf.to_container(cfg.model.ldm.unet, resolve=True),
             "conditioner": OmegaConf.to_container(cfg.cond.conditioner, resolve=True),
             "objective": OmegaConf.to_container(cfg.objective, resolve=True),
-            "autoencoder": OmegaConf.to_container(first_stage_cfg.autoencoder, resolve=True),
+            "autoencoder": self.first_stage_config(pl_module.first_stage.autoencoder),
             "sampler": OmegaConf.to_container(cfg.sampler, resolve=True),
             "scale_factor": float(pl_module.first_stage.scale_factor),
             "data": OmegaConf.to_container(cfg.data, resolve=True),

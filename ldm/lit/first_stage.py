@@ -19,30 +19,33 @@ class FirstStage(nn.Module):
     every stage-2 checkpoint and export.
     """
 
-    def __init__(
-        self,
+    def __init__(self, autoencoder: nn.Module, scale_factor: float, sample_posterior: bool = True) -> None:
+        super().__init__()
+        self.autoencoder = autoencoder.eval().requires_grad_(False)
+        self.sample_posterior = sample_posterior
+        self.register_buffer("scale_factor", torch.tensor(float(scale_factor)))
+
+    @classmethod
+    def from_export(
+        cls,
         path: str,
         latent_channels: int | None = None,
         scale_factor: float | None = None,
         sample_posterior: bool = True,
-    ) -> None:
-        super().__init__()
-        self.autoencoder, self.meta = load_autoencoder(path)
-        self.path = str(path)
-        self.sample_posterior = sample_posterior
-        if latent_channels is not None and int(latent_channels) != self.latent_channels:
+    ) -> FirstStage:
+        """The Hydra entry (``first_stage=export``): a stage-1 export folder, checked against the config."""
+        autoencoder, meta = load_autoencoder(path)
+        if latent_channels is not None and int(latent_channels) != int(autoencoder.embed_dim):
             raise ConfigError(
                 f"first_stage.latent_channels={latent_channels} but the export at {path} has "
-                f"{self.latent_channels} latent channels; remove the override or use a matching export"
+                f"{autoencoder.embed_dim} latent channels; remove the override or use a matching export"
             )
         if scale_factor is None:
-            std = self.meta.get("latent_std")
+            std = meta.get("latent_std")
             if not std or not math.isfinite(std):
-                raise ConfigError(
-                    f"the export at {path} records no latent std: set first_stage.scale_factor explicitly"
-                )
+                raise ConfigError(f"the export at {path} records no latent std: set first_stage.scale_factor")
             scale_factor = 1.0 / std
-        self.register_buffer("scale_factor", torch.tensor(float(scale_factor)))
+        return cls(autoencoder, scale_factor, sample_posterior)
 
     @property
     def latent_channels(self) -> int:

@@ -1,0 +1,167 @@
+"""Latent cache: encode the dataset once with the frozen first stage and train stage 2 from the cache.
+
+The frozen encoder gives the same posterior for an image every epoch, so encoding it again is wasted
+work. The cache stores the posterior mean and std (both flips when the data flips), so training still
+samples a fresh z each step. It is keyed by a hash of the autoencoder's weights and of the data, and
+rebuilt automatically when either changes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningDataModule
+from safetensors.torch import load_file
+from torch.utils.data import DataLoader, Dataset
+
+from ldm.data.base import EpochShuffleSampler, sample_rng
+from ldm.io.export import save_tensors_atomic, write_text_atomic
+
+CACHE_VERSION = 1
+METADATA = ("image_size", "channels", "num_classes", "class_names", "has_captions", "batch_size", "seed")
+
+
+def weights_hash(module: torch.nn.Module) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def dataset_fingerprint(dataset: Dataset, description: dict[str, Any]) -> str:
+    """What the data is: its config, its size, and the content of a few of its items."""
+    digest = hashlib.sha256(json.dumps(description, sort_keys=True, default=str).encode())
+    n = len(dataset)
+    digest.update(str(n).encode())
+    for index in sorted({0, n // 2, n - 1}):
+        item = dataset[index]
+        digest.update(item["image"].numpy().tobytes())
+        digest.update(str(item.get("label")).encode())
+    return digest.hexdigest()[:16]
+
+
+class CachedLatentDataset(Dataset):
+    """Items ``{latent_mean, latent_std, label?, caption?}``; a flip is picked per (seed, epoch, index)."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], captions: list[str] | None, seed: int) -> None:
+        self.mean = tensors["mean"]  # (N, F, C, h, w); F = 2 when flips were encoded
+        self.std = tensors["std"]
+        self.labels = tensors.get("label")
+        self.captions = captions
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return self.mean.shape[0]
+
+    def __getitem__(self, key) -> dict[str, Any]:
+        index, rng = sample_rng(self.seed, key)
+        flip = int(rng.integers(self.mean.shape[1])) if self.mean.shape[1] > 1 else 0
+        item: dict[str, Any] = {"latent_mean": self.mean[index, flip], "latent_std": self.std[index, flip]}
+        if self.labels is not None:
+            item["label"] = self.labels[index]
+        if self.captions is not None:
+            item["caption"] = self.captions[index]
+        return item
+
+
+def collate_latents(items: list[dict[str, Any]]) -> dict[str, Any]:
+    batch: dict[str, Any] = {
+        "latent_mean": torch.stack([it["latent_mean"] for it in items]),
+        "latent_std": torch.stack([it["latent_std"] for it in items]),
+    }
+    if "label" in items[0]:
+        batch["label"] = torch.stack([it["label"] for it in items]).long()
+    if "caption" in items[0]:
+        batch["caption"] = [it["caption"] for it in items]
+    return batch
+
+
+@torch.no_grad()
+def encode_dataset(dataset: Dataset, first_stage: Any, with_flips: bool, batch_size: int = 256):
+    """Posterior moments of every item, in index order. Captions are those of epoch 0."""
+    means, stds, labels, captions = [], [], [], []
+    device = first_stage.scale_factor.device
+    for start in range(0, len(dataset), batch_size):
+        items = [dataset[i] for i in range(start, min(len(dataset), start + batch_size))]
+        images = torch.stack([it["image"] for it in items]).to(device)  # (B, C, H, W)
+        variants = [images, images.flip(-1)] if with_flips else [images]
+        moments = [first_stage.encode_moments(x) for x in variants]
+        means.append(torch.stack([m for m, _ in moments], dim=1).cpu())  # (B, F, C, h, w)
+        stds.append(torch.stack([s for _, s in moments], dim=1).cpu())
+        if "label" in items[0]:
+            labels.extend(int(it["label"]) for it in items)
+        if "caption" in items[0]:
+            captions.extend(it["caption"] for it in items)
+    tensors = {"mean": torch.cat(means), "std": torch.cat(stds)}
+    if labels:
+        tensors["label"] = torch.tensor(labels, dtype=torch.long)
+    return tensors, (captions or None)
+
+
+class LatentCacheDataModule(LightningDataModule):
+    """Wraps an image DataModule; serves cached posterior moments instead of images."""
+
+    def __init__(self, datamodule: LightningDataModule, first_stage: Any, cache_dir: str | Path) -> None:
+        super().__init__()
+        self.datamodule = datamodule
+        self.first_stage = first_stage
+        self.cache_dir = Path(cache_dir)
+        self.train_dataset: CachedLatentDataset | None = None
+        self.val_dataset: CachedLatentDataset | None = None
+        self.hits = self.misses = 0
+        # What models read of their data (image_size, num_classes, ...) is the wrapped DataModule's.
+        for name in METADATA:
+            setattr(self, name, getattr(datamodule, name, None))
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_dataset is not None:
+            return
+        self.datamodule.setup(stage)
+        seed = int(self.seed or 0)
+        flips = bool(getattr(self.datamodule, "random_flip", False))
+        ae_hash = weights_hash(self.first_stage.autoencoder)
+        description = {
+            "datamodule": type(self.datamodule).__name__,
+            "hparams": dict(getattr(self.datamodule, "hparams", {})),
+            "flips": flips,
+            "version": CACHE_VERSION,
+        }
+        self.train_dataset = self._load_or_build("train", self.datamodule.train_dataset, ae_hash, description, flips, seed)
+        self.val_dataset = self._load_or_build("val", self.datamodule.val_dataset, ae_hash, description, False, seed)
+
+    def cache_path(self, split: str, dataset: Dataset, ae_hash: str, description: dict[str, Any]) -> Path:
+        key = f"{split}-{dataset_fingerprint(dataset, {**description, 'split': split})}-{ae_hash}"
+        return self.cache_dir / f"latents-{key}.safetensors"
+
+    def _load_or_build(self, split, dataset, ae_hash, description, flips, seed) -> CachedLatentDataset:
+        path = self.cache_path(split, dataset, ae_hash, description)
+        captions_path = path.with_suffix(".captions.json")
+        if path.is_file():
+            self.hits += 1
+            tensors = load_file(str(path))
+            captions = json.loads(captions_path.read_text()) if captions_path.is_file() else None
+        else:
+            self.misses += 1
+            tensors, captions = encode_dataset(dataset, self.first_stage, with_flips=flips)
+            if captions is not None:
+                write_text_atomic(captions_path, json.dumps(captions))
+            save_tensors_atomic(path, tensors)  # last, so its presence means a complete cache
+        return CachedLatentDataset(tensors, captions, seed)
+
+    def train_dataloader(self) -> DataLoader:
+        batch_size = self.batch_size
+        return DataLoader(
+            self.train_dataset,
+            batch_size=batch_size,
+            sampler=EpochShuffleSampler(len(self.train_dataset), int(self.seed or 0)),
+            collate_fn=collate_latents,
+            drop_last=True,
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_dataset, batch_size=self.batch_size, collate_fn=collate_latents)

@@ -1,0 +1,82 @@
+"""Loading a trained latent diffusion model for sampling: from its export folder or a Lightning checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from ldm.config import register_resolvers
+from ldm.io.export import ExportError, frozen, load_state_strict, read_export
+from ldm.lit.first_stage import FirstStage
+from ldm.sampling import LatentSampler
+
+
+def _split(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+def load_conditioner(config: Any, tensors: dict[str, torch.Tensor], source: str) -> torch.nn.Module:
+    """Rebuild the conditioner; frozen pretrained encoders come from their own weights, learned parts
+    (class embeddings) from the export, and every exported tensor must find its place."""
+    conditioner = instantiate(config)
+    own = conditioner.state_dict()
+    unexpected = sorted(set(tensors) - set(own))
+    learned = {n for n, p in conditioner.named_parameters() if p.requires_grad}
+    missing = sorted(learned - set(tensors))
+    if unexpected or missing:
+        raise ExportError(f"conditioner weights in {source} do not fit: missing {missing[:8]}, unexpected {unexpected[:8]}")
+    conditioner.load_state_dict(tensors, strict=False)
+    return frozen(conditioner)
+
+
+def load_ldm_export(folder: str | Path, device: str | torch.device = "cpu") -> tuple[LatentSampler, dict[str, Any]]:
+    """(sampler, info) from a stage-2 export folder; ``info`` holds the config and meta for manifests."""
+    register_resolvers()
+    tensors, config, meta = read_export(folder, kind="ldm")
+    source = str(folder)
+    unet = instantiate(config.unet)
+    load_state_strict(unet, _split(tensors, "model.diffusion_model."), source)
+    autoencoder = instantiate(config.autoencoder)
+    load_state_strict(autoencoder, _split(tensors, "first_stage_model."), source)
+    conditioner = load_conditioner(config.conditioner, _split(tensors, "cond_stage_model."), source)
+    first_stage = FirstStage(autoencoder, float(tensors["scale_factor"]))
+    objective = instantiate(config.objective)
+    sampler = LatentSampler(frozen(unet).to(device), conditioner.to(device), first_stage.to(device), objective)
+    info = {"config": OmegaConf.to_container(config), "meta": meta, "source": source}
+    return sampler, info
+
+
+def load_ldm_checkpoint(path: str | Path, device: str | torch.device = "cpu", use_ema: bool = True):
+    """(sampler, info) from a Lightning ``.ckpt`` of a stage-2 run, rebuilt from the run's config.yaml.
+
+    Loaded with ``weights_only=True``: a checkpoint is never unpickled.
+    """
+    register_resolvers()
+    path = Path(path)
+    if not path.is_file():
+        raise ExportError(f"checkpoint {path} does not exist")
+    run_config = path.parent.parent / "config.yaml"
+    if not run_config.is_file():
+        raise ExportError(f"{run_config} is missing: a checkpoint is loaded with the config of the run that wrote it")
+    cfg = OmegaConf.load(run_config)
+    if cfg.stage.name != "ldm":
+        raise ExportError(f"{path} is a checkpoint of stage {cfg.stage.name!r}, not of a latent diffusion model")
+    module = instantiate(cfg.stage.module)
+    state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+    module.load_state_dict(state, strict=True)
+    module.to(device).eval()
+    sampler = module.sampler(use_ema=use_ema)
+    info = {"config": OmegaConf.to_container(cfg, resolve=True), "meta": {"kind": "ldm"}, "source": str(path)}
+    return sampler, info
+
+
+def load_ldm(path: str | Path, device: str | torch.device = "cpu", use_ema: bool = True):
+    """An export folder or a ``.ckpt`` file."""
+    path = Path(path)
+    if path.suffix == ".ckpt":
+        return load_ldm_checkpoint(path, device, use_ema)
+    return load_ldm_export(path, device)

@@ -1,0 +1,182 @@
+"""Stage 2: DDPM in the latent space of a frozen autoencoder (Rombach et al. 2022, sec. 3.2-3.3).
+
+The LightningModule only wires parts that each live elsewhere: the UNet (ldm.nets.unet), the
+conditioner (ldm.nets.conditioners), the frozen first stage (ldm.lit.first_stage), the diffusion
+objective and samplers (ldm.diffusion), and the EMA (ldm.lit.ema).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+
+from ldm.config import ConfigError
+from ldm.diffusion.objective import DiffusionObjective
+from ldm.lit.ema import EMA, EMAConfig
+from ldm.lit.first_stage import FirstStage
+from ldm.lit.images import log_image_grid
+from ldm.sampling import LatentSampler
+
+# Training loss is also logged per quarter of the timestep range: where a model is weak shows there.
+NUM_LOSS_BUCKETS = 4
+
+
+@dataclass
+class PreviewConfig:
+    """Sample grids logged during training: per class (or per prompt) at several guidance scales."""
+
+    every_n_steps: int = 1000
+    guidance_scales: list[float] = field(default_factory=lambda: [1.0, 3.0])
+    per_class: int = 8
+    prompts: list[str] = field(default_factory=list)
+    sampler: dict[str, Any] | None = None
+    seed: int = 1234
+
+
+def check_compatibility(unet: nn.Module, conditioner: nn.Module, first_stage: FirstStage) -> None:
+    """Fail at start-up, naming both values, when the parts cannot work together."""
+    latent = first_stage.latent_channels
+    if unet.out_channels != latent:
+        raise ConfigError(
+            f"UNet out_channels={unet.out_channels} but the first stage has {latent} latent channels: "
+            f"set model.ldm.unet.out_channels={latent}"
+        )
+    try:
+        conditioner.check_unet(unet, latent)
+    except ValueError as err:
+        raise ConfigError(f"{err} Fix model.ldm.unet (or pick a matching cond=).") from err
+
+
+class LatentDiffusionModule(pl.LightningModule):
+    def __init__(
+        self,
+        unet: nn.Module,
+        conditioner: nn.Module,
+        first_stage: FirstStage,
+        objective: DiffusionObjective,
+        optimizer: Any,
+        lr: float,
+        lr_scheduler: Any = None,
+        ema: EMAConfig | None = None,
+        preview: PreviewConfig | None = None,
+    ) -> None:
+        super().__init__()
+        check_compatibility(unet, conditioner, first_stage)
+        self.unet = unet
+        self.conditioner = conditioner
+        self.first_stage = first_stage
+        self.objective = objective
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = lr_scheduler
+        self.lr = lr
+        self.ema = EMA(unet, ema) if ema is not None else None
+        self.preview = preview or PreviewConfig()
+        self.image_size: int | None = None
+
+    # --- the parts a sampler needs ------------------------------------------------------------
+    def sampling_unet(self) -> nn.Module:
+        return self.ema.model if self.ema is not None else self.unet
+
+    def sampler(self, use_ema: bool = True) -> LatentSampler:
+        return LatentSampler(
+            unet=self.sampling_unet() if use_ema else self.unet,
+            conditioner=self.conditioner,
+            first_stage=self.first_stage,
+            objective=self.objective,
+        )
+
+    # --- training ---------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if dm is not None and getattr(dm, "image_size", None):
+            self.image_size = int(dm.image_size)
+
+    def latents(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> torch.Tensor:
+        """Scaled latents z0 (B, C, h, w): from the latent cache when the batch carries one."""
+        if "latent_mean" in batch:
+            return self.first_stage.scale(batch["latent_mean"], batch["latent_std"], generator=generator)
+        return self.first_stage.encode(batch["image"], generator=generator)
+
+    def diffusion_loss(self, unet: nn.Module, batch: dict[str, Any], generator=None):
+        z0 = self.latents(batch, generator)
+        cond = self.conditioner(batch)
+        per_sample, t = self.objective.loss(LatentSampler.model_fn(unet), z0, cond, generator=generator)
+        return per_sample, t
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        per_sample, t = self.diffusion_loss(self.unet, batch)
+        loss = per_sample.mean()
+        batch_size = per_sample.shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
+        self._log_loss_buckets(per_sample.detach(), t)
+        return loss
+
+    def _log_loss_buckets(self, per_sample: torch.Tensor, t: torch.Tensor) -> None:
+        num_timesteps = self.objective.schedule.num_train_timesteps
+        bucket = (t.float() * NUM_LOSS_BUCKETS / num_timesteps).long().clamp_(0, NUM_LOSS_BUCKETS - 1)
+        for b in range(NUM_LOSS_BUCKETS):
+            mask = bucket == b
+            if mask.any():
+                self.log(f"train/loss_t{b}", per_sample[mask].mean(), batch_size=int(mask.sum()))
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.ema is not None:
+            self.ema.update(self.unet)
+        every = self.preview.every_n_steps
+        if every and self.global_step % every == 0 and self.global_step > 0:
+            self.log_previews()
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        # The same noise and timesteps at every validation, so the curve shows the model, not the draw.
+        generator = torch.Generator(device=self.device).manual_seed(10_000 + batch_idx)
+        per_sample, _ = self.diffusion_loss(self.sampling_unet(), batch, generator=generator)
+        self.log("val/loss", per_sample.mean(), prog_bar=True, batch_size=per_sample.shape[0])
+        if self.ema is not None:
+            generator.manual_seed(10_000 + batch_idx)
+            raw, _ = self.diffusion_loss(self.unet, batch, generator=generator)
+            self.log("val/loss_raw", raw.mean(), batch_size=raw.shape[0])
+
+    @torch.no_grad()
+    def log_previews(self) -> None:
+        if self.image_size is None or not self.trainer.is_global_zero:
+            return
+        sampler = self.sampler()
+        conditions, nrow = sampler.preview_conditions(self.preview.per_class, self.preview.prompts)
+        for scale in self.preview.guidance_scales:
+            generator = torch.Generator(device=self.device).manual_seed(self.preview.seed)
+            images = sampler.sample(
+                conditions,
+                image_size=self.image_size,
+                sampler=self.preview.sampler,
+                guidance_scale=scale,
+                generator=generator,
+            )
+            log_image_grid(self.trainer, f"samples_cfg{scale:g}", images, nrow=nrow)
+
+    # --- optimisation ----------------------------------------------------------------------------
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        # The conditioner's learned parts (class embeddings) train with the UNet; frozen encoders don't.
+        params = list(self.unet.parameters()) + [p for p in self.conditioner.parameters() if p.requires_grad]
+        return params
+
+    def configure_optimizers(self):
+        optimizer = self.optimizer_factory(self.trainable_parameters(), lr=self.lr)
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # --- export -------------------------------------------------------------------------------------
+    def export_tensors(self) -> dict[str, torch.Tensor]:
+        """CompVis single-file layout: the EMA UNet is the model (as SD checkpoints ship it)."""
+        tensors = {f"model.diffusion_model.{k}": v for k, v in self.sampling_unet().state_dict().items()}
+        # Frozen pretrained encoders are referenced by their config, not copied: only learned parts ship.
+        learned = {n for n, p in self.conditioner.named_parameters() if p.requires_grad}
+        tensors.update({f"cond_stage_model.{k}": v for k, v in self.conditioner.state_dict().items() if k in learned})
+        tensors.update({f"first_stage_model.{k}": v for k, v in self.first_stage.autoencoder.state_dict().items()})
+        tensors["scale_factor"] = self.first_stage.scale_factor.detach().clone()
+        return tensors

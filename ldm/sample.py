@@ -1,0 +1,159 @@
+"""``ldm-sample``: images from a trained latent diffusion model (Hydra app, conf/sample.yaml).
+
+    ldm-sample model_path=outputs/ldm/<run>/export labels=[3,7] n=16 sampler=dpmpp_2m guidance_scale=[1,3]
+    ldm-sample model_path=... prompts='["draw a 3"]' init_images=in/ strength=0.5
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import hydra
+import numpy as np
+import torch
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from PIL import Image
+from rich.progress import Progress
+
+from ldm.config import ConfigError, register_resolvers
+from ldm.lit.images import save_png, to_uint8_grid
+from ldm.sampling import LatentEdit, LatentSampler, save_samples_npz, to_uint8_nhwc, write_manifest
+
+register_resolvers()
+# An absolute path: relative ones would be resolved against the `ldm` package, where conf/ is not.
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+
+
+def file_hash(path: Path) -> str:
+    """sha256 of the weights the samples came from (the export's safetensors, or the .ckpt)."""
+    target = path / "model.safetensors" if path.is_dir() else path
+    digest = hashlib.sha256()
+    with open(target, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_prompts(cfg: DictConfig) -> list[str] | None:
+    if cfg.prompts_file is not None:
+        path = Path(cfg.prompts_file)
+        if not path.is_file():
+            raise ConfigError(f"prompts_file={path} does not exist")
+        prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        if not prompts:
+            raise ConfigError(f"prompts_file={path} holds no prompts (one per line)")
+        return prompts
+    if cfg.prompts is None:
+        return None
+    return [str(p) for p in (cfg.prompts if isinstance(cfg.prompts, ListConfig) else [cfg.prompts])]
+
+
+def build_conditions(cfg: DictConfig, sampler: LatentSampler) -> dict[str, Any]:
+    """n samples per label or per prompt, condition-major; unconditional when neither applies."""
+    n = int(cfg.n)
+    if n < 1:
+        raise ConfigError(f"n must be >= 1, got {n}")
+    keys = set(getattr(sampler.conditioner, "input_keys", ()))
+    prompts = read_prompts(cfg)
+    conditions: dict[str, Any] = {}
+    if "caption" in keys:
+        if not prompts:
+            raise ConfigError("this model is text-conditional: give prompts=[...] or prompts_file=...")
+        conditions["caption"] = [p for p in prompts for _ in range(n)]
+    elif prompts:
+        raise ConfigError("this model takes no text: remove prompts (use labels=[...] for a class model)")
+    if "label" in keys:
+        num_classes = sampler.conditioner.num_classes
+        labels = list(range(num_classes)) if cfg.labels is None else [int(y) for y in cfg.labels]
+        bad = [y for y in labels if not 0 <= y < num_classes]
+        if bad:
+            raise ConfigError(f"labels {bad} are outside the model's classes 0..{num_classes - 1}")
+        conditions["label"] = torch.tensor(labels).repeat_interleave(n)
+    if not conditions:
+        conditions["n"] = [None] * n
+    return conditions
+
+
+def load_images(path: str | Path, size: int, channels: int) -> torch.Tensor:
+    """A file or a folder of images -> (N, C, size, size) in [-1, 1]."""
+    path = Path(path)
+    files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if path.is_dir() else [path]
+    if not files or not files[0].is_file():
+        raise ConfigError(f"no images at {path}")
+    mode = "L" if channels == 1 else "RGB"
+    arrays = [np.asarray(Image.open(f).convert(mode).resize((size, size), Image.BICUBIC)) for f in files]
+    x = torch.from_numpy(np.stack(arrays)).float() / 127.5 - 1
+    return x.unsqueeze(1) if channels == 1 else x.permute(0, 3, 1, 2)
+
+
+def build_edit(cfg: DictConfig, sampler: LatentSampler, image_size: int, count: int) -> LatentEdit | None:
+    if cfg.init_images is None:
+        if cfg.mask is not None:
+            raise ConfigError("mask needs init_images (the image to inpaint)")
+        return None
+    channels = sampler.first_stage.autoencoder.config.in_channels
+    images = load_images(cfg.init_images, image_size, channels).to(sampler.device)
+    # One init image per sample: repeated cyclically over the conditions.
+    images = images[torch.arange(count) % images.shape[0]]
+    mean, _ = sampler.first_stage.encode_moments(images)
+    z0 = mean * sampler.first_stage.scale_factor  # the posterior mean: editing keeps the image's content
+    keep = None
+    strength = float(cfg.strength)
+    if cfg.mask is not None:
+        mask = load_images(cfg.mask, image_size, 1)[:1].to(sampler.device)  # white = keep
+        f = sampler.first_stage.downsample_factor
+        keep = torch.nn.functional.avg_pool2d((mask + 1) / 2, f).round().expand(count, 1, -1, -1)
+        strength = 1.0 if cfg.strength is None else strength
+    return LatentEdit(z0, strength, keep)
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    from ldm.io.load import load_ldm
+
+    model_path = Path(str(cfg.model_path))
+    sampler, info = load_ldm(model_path, "cuda" if torch.cuda.is_available() else "cpu", bool(cfg.use_ema))
+    sampler_cfg = OmegaConf.to_container(cfg.sampler) if cfg.get("sampler") else dict(info["config"]["sampler"])
+    image_size = int(cfg.image_size or info["config"]["data"]["image_size"])
+    conditions = build_conditions(cfg, sampler)
+    count = len(next(iter(conditions.values())))
+    edit = build_edit(cfg, sampler, image_size, count)
+    scales = cfg.guidance_scale if isinstance(cfg.guidance_scale, ListConfig) else [cfg.guidance_scale]
+    for scale in scales:
+        if float(scale) < 0:
+            raise ConfigError(f"guidance_scale must be >= 0, got {scale}")
+    out_dir = Path(cfg.out_dir)
+    results = {}
+    for scale in scales:
+        folder = out_dir / (f"cfg{float(scale):g}" if len(scales) > 1 else "")
+        generator = torch.Generator(device=sampler.device).manual_seed(int(cfg.seed))
+        with Progress() as progress:
+            task = progress.add_task(f"sampling (cfg {float(scale):g})", total=count)
+            images = sampler.sample(
+                conditions, image_size, dict(sampler_cfg), float(scale), generator, int(cfg.batch_size),
+                progress=lambda done, total: progress.update(task, completed=done), edit=edit,
+            )
+        save_samples_npz(folder / "samples.npz", images, labels=conditions.get("label"), prompts=conditions.get("caption"))
+        save_png(to_uint8_grid(images, nrow=int(cfg.n)), folder / "grid.png")
+        if cfg.save_pngs:
+            for i, array in enumerate(to_uint8_nhwc(images)):
+                save_png(array if array.shape[-1] == 3 else np.repeat(array, 3, axis=-1), folder / "images" / f"{i:05d}.png")
+        write_manifest(folder / "manifest.json", {
+            "command": OmegaConf.to_container(cfg, resolve=True), "sampler": sampler_cfg,
+            "guidance_scale": float(scale), "seed": int(cfg.seed), "image_size": image_size,
+            "model": str(model_path), "model_sha256": file_hash(model_path), "count": count,
+        })
+        results[float(scale)] = str(folder / "samples.npz")
+        print(f"samples (cfg {float(scale):g}): {folder / 'samples.npz'}, grid: {folder / 'grid.png'}", flush=True)
+    return results
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="sample")
+def main(cfg: DictConfig) -> None:
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()
