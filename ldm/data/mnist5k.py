@@ -105,6 +105,9 @@ class MNIST5kDataModule(ImageDataModule):
         prepared = fit_uint8_images(torch.from_numpy(images).unsqueeze(1), self.image_size, self.resize_mode)
         label_tensor = torch.from_numpy(labels)
         self.train_indices, self.val_indices = stratified_split(labels, self.val_fraction, self.seed)
+        # The file is sorted by label: a seeded permutation makes every validation batch (and the logged
+        # reconstruction grids, which show the first one) hold all classes.
+        self.val_indices = np.random.default_rng(self.seed).permutation(self.val_indices)
         train_idx, val_idx = torch.from_numpy(self.train_indices), torch.from_numpy(self.val_indices)
         self.train_dataset = TensorImageDataset(
             prepared[train_idx],
