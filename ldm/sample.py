@@ -101,12 +101,12 @@ def build_edit(cfg: DictConfig, sampler: LatentSampler, image_size: int, count: 
     mean, _ = sampler.first_stage.encode_moments(images)
     z0 = mean * sampler.first_stage.scale_factor  # the posterior mean: editing keeps the image's content
     keep = None
-    strength = float(cfg.strength)
+    # strength=null means 1.0: start from pure noise (the usual choice for inpainting).
+    strength = 1.0 if cfg.strength is None else float(cfg.strength)
     if cfg.mask is not None:
         mask = load_images(cfg.mask, image_size, 1)[:1].to(sampler.device)  # white = keep
         f = sampler.first_stage.downsample_factor
         keep = torch.nn.functional.avg_pool2d((mask + 1) / 2, f).round().expand(count, 1, -1, -1)
-        strength = 1.0 if cfg.strength is None else strength
     return LatentEdit(z0, strength, keep)
 
 
@@ -133,7 +133,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             task = progress.add_task(f"sampling (cfg {float(scale):g})", total=count)
             images = sampler.sample(
                 conditions, image_size, dict(sampler_cfg), float(scale), generator, int(cfg.batch_size),
-                progress=lambda done, total: progress.update(task, completed=done), edit=edit,
+                progress=lambda done, total, task=task: progress.update(task, completed=done), edit=edit,
             )
         save_samples_npz(folder / "samples.npz", images, labels=conditions.get("label"), prompts=conditions.get("caption"))
         save_png(to_uint8_grid(images, nrow=int(cfg.n)), folder / "grid.png")

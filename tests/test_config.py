@@ -67,3 +67,17 @@ def test_wrong_stage_name_fails(compose_cfg, tmp_path):
     cfg = compose_cfg(["stage.name=gan"], tmp_path)
     with pytest.raises(ConfigError, match="stage.name must be one of"):
         check_config(cfg)
+
+
+def test_the_console_entry_point_finds_its_configs(tmp_path):
+    """`ldm-train` as users run it: Hydra's own main, conf/ found from the installed package."""
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "ldm.train", "--cfg", "job", "--resolve", "stage=ldm", "cond=text",
+         f"paths.root_dir={tmp_path}"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "FrozenTextEncoder" in result.stdout and "name: ldm" in result.stdout

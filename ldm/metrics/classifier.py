@@ -179,6 +179,7 @@ def _augment(x: Tensor, config: JudgeTrainConfig, generator: torch.Generator) ->
     return F.grid_sample(x + 1.0, grid, align_corners=False, padding_mode="zeros") - 1.0
 
 
+@torch.enable_grad()  # callers may sit under no_grad (sampling, evaluation); training needs autograd
 def train_judge(
     images: np.ndarray | Tensor,
     labels: np.ndarray | Tensor,

@@ -301,6 +301,15 @@ class EncoderDecoderConfig:
         return Decoder(**kwargs)
 
 
+def check_image_input(x: Tensor, in_channels: int, downsample_factor: int) -> None:
+    """Images must be (B, in_channels, H, W) with H and W divisible by the downsample factor."""
+    if x.dim() != 4 or x.shape[1] != in_channels:
+        raise ValueError(f"expected images (B, {in_channels}, H, W), got {tuple(x.shape)}")
+    f = downsample_factor
+    if x.shape[-1] % f != 0 or x.shape[-2] % f != 0:
+        raise ValueError(f"image size {tuple(x.shape[-2:])} must be divisible by the downsample factor {f}")
+
+
 class DiagonalGaussianDistribution:
     """Posterior q(z|x) = N(mean, diag(exp(logvar))) parameterised by the encoder's 2*C output channels.
 
@@ -371,13 +380,7 @@ class AutoencoderKL(nn.Module):
         self.post_quant_conv = nn.Conv2d(self.embed_dim, config.z_channels, 1)
 
     def _check_input(self, x: Tensor) -> None:
-        if x.dim() != 4 or x.shape[1] != self.config.in_channels:
-            raise ValueError(f"expected images (B, {self.config.in_channels}, H, W), got {tuple(x.shape)}")
-        f = self.downsample_factor
-        if x.shape[-1] % f != 0 or x.shape[-2] % f != 0:
-            raise ValueError(
-                f"image size {tuple(x.shape[-2:])} must be divisible by the downsample factor {f}"
-            )
+        check_image_input(x, self.config.in_channels, self.downsample_factor)
 
     def encode(self, x: Tensor) -> DiagonalGaussianDistribution:
         self._check_input(x)

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ldm.nets.autoencoder import EncoderDecoderConfig
+from ldm.nets.autoencoder import EncoderDecoderConfig, check_image_input
 
 
 class VectorQuantizer(nn.Module):
@@ -114,13 +114,7 @@ class VQModel(nn.Module):
         self.post_quant_conv = nn.Conv2d(self.embed_dim, config.z_channels, 1)
 
     def _check_input(self, x: Tensor) -> None:
-        if x.dim() != 4 or x.shape[1] != self.config.in_channels:
-            raise ValueError(f"expected images (B, {self.config.in_channels}, H, W), got {tuple(x.shape)}")
-        f = self.downsample_factor
-        if x.shape[-1] % f != 0 or x.shape[-2] % f != 0:
-            raise ValueError(
-                f"image size {tuple(x.shape[-2:])} must be divisible by the downsample factor {f}"
-            )
+        check_image_input(x, self.config.in_channels, self.downsample_factor)
 
     def encode(self, x: Tensor) -> DeterministicPosterior:
         self._check_input(x)

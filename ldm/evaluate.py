@@ -1,0 +1,199 @@
+"""``ldm-evaluate``: sample-quality metrics of a sample set, a model, or an autoencoder (conf/evaluate.yaml).
+
+    ldm-evaluate samples=outputs/samples/<run>/samples.npz          # FID, KID, P/R, accuracy vs MNIST-5k
+    ldm-evaluate model_path=outputs/ldm/<run>/export n=100 guidance_scale=3
+    ldm-evaluate autoencoder=outputs/vae/<run>/export               # PSNR, SSIM, LPIPS, rFID
+
+Every metric is reported with the number of samples (and reference samples) behind it and the feature
+extractor it used, since FID-like numbers are only comparable under equal counts and features. Metrics
+whose weights are not available here (Inception Score, CLIP score, LPIPS) are skipped with the reason.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from ldm.config import ConfigError, register_resolvers
+from ldm.io.export import write_text_atomic
+from ldm.metrics import (
+    to_uint8_nhwc,
+)
+from ldm.metrics.suite import (
+    SAMPLE_METRICS,
+    SampleMetrics,
+    SampleSet,
+    device,
+    flat_metrics,
+    load_samples,
+    reference_source,
+)
+
+register_resolvers()
+# An absolute path: relative ones would be resolved against the `ldm` package, where conf/ is not.
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+RECONSTRUCTION_METRICS = ("psnr", "ssim", "lpips", "fid")
+
+
+def generate(cfg: DictConfig, out_dir: Path) -> SampleSet:
+    """Model mode: sample with the ldm-sample settings, keep the samples (npz + manifest), return them."""
+    from ldm.io.load import load_ldm
+    from ldm.sample import build_conditions, file_hash
+    from ldm.sampling import class_conditions, save_samples_npz, write_manifest
+
+    sampler, info = load_ldm(Path(str(cfg.model_path)), device(), bool(cfg.use_ema))
+    sampler_cfg = OmegaConf.to_container(cfg.sampler) if cfg.get("sampler") else dict(info["config"]["sampler"])
+    image_size = int(cfg.image_size or info["config"]["data"]["image_size"])
+    keys = set(getattr(sampler.conditioner, "input_keys", ()))
+    if "caption" in keys and cfg.prompts is None and cfg.prompts_file is None and str(cfg.reference) == "mnist5k":
+        from ldm.data.captions import held_out_prompt
+
+        # A text model is asked for each digit with a held-out prompt, so the judge can check it per class.
+        conditions = class_conditions(10, int(cfg.n), held_out_prompt)
+    else:
+        conditions = build_conditions(cfg, sampler)
+    generator = torch.Generator(device=sampler.device).manual_seed(int(cfg.seed))
+    print(f"generating {len(next(iter(conditions.values())))} samples with {sampler_cfg}", flush=True)
+    images = sampler.sample(conditions, image_size, dict(sampler_cfg), float(cfg.guidance_scale), generator,
+                            int(cfg.batch_size))
+    labels, prompts = conditions.get("label"), conditions.get("caption")
+    npz = save_samples_npz(out_dir / "samples.npz", images, labels=labels, prompts=prompts)
+    write_manifest(out_dir / "manifest.json", {
+        "command": OmegaConf.to_container(cfg, resolve=True), "sampler": sampler_cfg, "seed": int(cfg.seed),
+        "guidance_scale": float(cfg.guidance_scale), "image_size": image_size, "model": str(cfg.model_path),
+        "model_sha256": file_hash(Path(str(cfg.model_path))),
+    })
+    return load_samples(npz)
+
+
+def evaluate_samples(cfg: DictConfig, samples: SampleSet) -> dict[str, Any]:
+    resolution, channels = samples.images.shape[1], samples.images.shape[-1]
+    if cfg.image_size is not None and int(cfg.image_size) != resolution:
+        raise ConfigError(f"the samples are {resolution} px but image_size={cfg.image_size}")
+    measure = SampleMetrics(cfg, resolution, channels)
+    metrics, skipped = measure.run(samples, [str(m) for m in cfg.metrics])
+    return {
+        "metrics": metrics,
+        "skipped": skipped,
+        "samples": {"source": samples.source, "n": len(samples.images), "resolution": resolution,
+                    "channels": channels, "labels": samples.labels is not None},
+        "reference": {"name": str(cfg.reference), "key": measure.key, "split": str(cfg.reference_split)},
+    }
+
+
+@torch.no_grad()
+def evaluate_autoencoder(cfg: DictConfig) -> dict[str, Any]:
+    """Reconstructions of the reference's val split: PSNR, SSIM (torchmetrics), LPIPS, reconstruction FID."""
+    from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+
+    from ldm.io.export import load_autoencoder
+
+    names = [str(m) for m in cfg.reconstruction_metrics]
+    if cfg.image_size is None and str(cfg.reference) != "mnist5k":
+        raise ConfigError("set image_size=<the resolution the autoencoder was trained at> for a folder reference")
+    resolution = int(cfg.image_size or 32)
+    autoencoder, _ = load_autoencoder(str(cfg.autoencoder))
+    originals = reference_source(cfg, resolution, "val")[1]()  # (N, H, W, C) uint8
+    in_channels = getattr(getattr(autoencoder, "config", None), "in_channels", originals.shape[-1])
+    if in_channels != originals.shape[-1]:
+        raise ConfigError(f"the autoencoder takes {in_channels}-channel images, reference={cfg.reference} has {originals.shape[-1]}")
+    autoencoder = autoencoder.to(device())
+    measure = SampleMetrics(cfg, resolution, originals.shape[-1], split="val")
+    x = torch.from_numpy(originals).permute(0, 3, 1, 2).float() / 127.5 - 1  # (N, C, H, W) in [-1, 1]
+    batches = x.split(int(cfg.batch_size))
+    # Judged as saved: quantised to 8 bits like the originals.
+    recon = to_uint8_nhwc(torch.cat([autoencoder.decode(autoencoder.encode(b.to(device())).mode()).cpu() for b in batches]))
+    pred, target = (torch.from_numpy(a).permute(0, 3, 1, 2).float() / 255.0 for a in (recon, originals))
+    n, metrics, skipped = len(x), {}, {}
+    pixels = {"n": n, "features": "pixels"}
+    if "psnr" in names:  # per image, then averaged
+        metrics["psnr"] = {"value": float(peak_signal_noise_ratio(pred, target, data_range=1.0, dim=(1, 2, 3))), **pixels}
+    if "ssim" in names:
+        metrics["ssim"] = {"value": float(structural_similarity_index_measure(pred, target, data_range=1.0)), **pixels}
+    if "lpips" in names and (cfg.lpips.vgg_weights_path is None or cfg.lpips.lpips_weights_path is None):
+        skipped["lpips"] = "needs VGG16 and LPIPS weights: set lpips.vgg_weights_path and lpips.lpips_weights_path"
+    elif "lpips" in names:
+        from ldm.nets.perceptual import LPIPS
+
+        lpips = LPIPS(str(cfg.lpips.vgg_weights_path), str(cfg.lpips.lpips_weights_path)).to(device())
+        values = torch.cat([lpips(a.to(device()), b.to(device())).cpu() for a, b in zip((pred * 2 - 1).split(len(batches[0])), batches)])
+        metrics["lpips"] = {"value": float(values.mean()), "n": n, "features": "lpips-vgg16"}
+    if "fid" in names:
+        metrics["rfid"] = measure.fid(SampleSet(recon))
+    return {"metrics": metrics, "skipped": skipped, "autoencoder": str(cfg.autoencoder),
+            "reference": {"name": str(cfg.reference), "key": measure.key, "split": "val"}}
+
+
+# One line per metric in the human summary; the JSON holds everything.
+_SUMMARY = {
+    "fid": "FID({f}, {vs}) {value:.4g}", "rfid": "rFID({f}, {vs}) {value:.4g}",
+    "kid": "KID({f}, {vs}) {value:.4g} ± {std:.2g}", "pr": "P/R({f}, k={k}, {vs}) {precision:.3f}/{recall:.3f}",
+    "accuracy": "acc {percent:.1f}% ({vs})", "is": "IS({vs}) {value:.3g} ± {std:.2g}", "clip_score": "CLIP({f}, {vs}) {value:.4g}",
+    "psnr": "PSNR({vs}) {value:.2f} dB", "ssim": "SSIM({vs}) {value:.4f}", "lpips": "LPIPS({vs}) {value:.4f}",
+}
+
+
+def summary_line(metrics: dict[str, Any], skipped: dict[str, str]) -> str:
+    """e.g. ``FID(judge128, n=1000 vs 4500) 12.3 | KID(...) 0.0123 ± 0.001 | acc 97.1% (n=1000)``."""
+    parts = []
+    for name, m in metrics.items():
+        vs = f"n={m['n']} vs {m['ref_n']}" if "ref_n" in m else f"n={m['n']}"
+        features = str(m.get("features", ""))  # judge128-<weights hash> -> judge128; the JSON has the hash
+        short = features.split("-")[0] if features.startswith("judge") else features
+        parts.append(_SUMMARY[name].format(**m, f=short, vs=vs, percent=100 * m.get("value", 0.0)))
+    return " | ".join(parts + [f"{name} skipped ({reason})" for name, reason in skipped.items()])
+
+
+def check_config(cfg: DictConfig) -> str:
+    """The mode (samples, model_path or autoencoder), after checking what can be checked before any work."""
+    modes = [key for key in ("samples", "model_path", "autoencoder") if cfg.get(key) is not None]
+    if len(modes) != 1:
+        raise ConfigError(f"give exactly one of samples=, model_path=, autoencoder= (got {modes or 'none'})")
+    for key, valid in (("metrics", SAMPLE_METRICS), ("reconstruction_metrics", RECONSTRUCTION_METRICS)):
+        unknown = sorted({str(m) for m in cfg[key]} - set(valid))
+        if unknown:
+            raise ConfigError(f"unknown {key} {unknown}; choose from {list(valid)}")
+    if str(cfg.features) not in ("judge", "inception"):
+        raise ConfigError(f"features must be 'judge' or 'inception', got {cfg.features!r}")
+    return modes[0]
+
+
+def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    """Run the configured evaluation; writes ``metrics.json`` to ``out_dir`` and returns the report."""
+    mode = check_config(cfg)
+    out_dir = Path(str(cfg.out_dir))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if mode == "autoencoder":
+        report = evaluate_autoencoder(cfg)
+    else:
+        samples = load_samples(cfg.samples) if mode == "samples" else generate(cfg, out_dir)
+        report = evaluate_samples(cfg, samples)
+    report["summary"] = summary_line(report["metrics"], report["skipped"])
+    text = json.dumps(report, indent=2, sort_keys=True)
+    write_text_atomic(out_dir / "metrics.json", text)
+    report["written"] = [str(out_dir / "metrics.json")]
+    if cfg.write_next_to_samples and mode == "samples":
+        beside = Path(str(cfg.samples))
+        beside = beside.with_name(f"{beside.stem if beside.is_file() else beside.name}.metrics.json")
+        write_text_atomic(beside, text)
+        report["written"].append(str(beside))
+    wandb = sys.modules.get("wandb")  # only a process that imported wandb can hold an active run
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.run.summary.update(flat_metrics(report["metrics"]))
+    print(report["summary"], flush=True)
+    return report
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="evaluate")
+def main(cfg: DictConfig) -> None:
+    evaluate(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,160 @@
+"""Sample-quality metrics during stage-2 training: a fixed, seeded sample set measured every N steps.
+
+The same measurement as ``ldm-evaluate`` (:class:`ldm.metrics.suite.SampleMetrics`: same reference keys, cache
+files and feature extractors), so a training curve's last point and an offline evaluation of the export
+agree when drawn with the same sampler, guidance scale, seed and count.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from omegaconf import OmegaConf
+
+log = logging.getLogger(__name__)
+_LOGGED_SUFFIXES = ("_n", "_ref_n", "_std", "_precision", "_recall")
+
+
+class SampleMetricsCallback(pl.Callback):
+    """Every ``every_n_steps`` optimizer steps, and once when training ends, samples ``per_class`` images of
+    each class (or ``per_class`` in all for an unconditional model) with the EMA weights and a fixed seed,
+    measures ``metrics`` against the reference data, and logs ``val/<metric>`` with ``val/<metric>_n``.
+
+    Generation and measurement run on global rank 0 only; the resulting scalars are broadcast so every
+    rank holds identical ``trainer.callback_metrics`` (checkpoint monitors then agree across ranks).
+    Values go to every logger via ``log_metrics`` at the current step: unlike ``pl_module.log`` in a
+    training hook, that neither waits for ``log_every_n_steps`` nor is refused in ``on_train_end``.
+
+    Args:
+        every_n_steps: measure when ``global_step`` is a positive multiple of this; 0 = only at the end.
+        per_class: samples per class (the count behind each metric is logged next to it).
+        guidance_scale: classifier-free guidance scale used for the set.
+        sampler: sampler settings as in ``conf/sampler`` (e.g. ``{name: ddim, steps: 50}``); None = DDIM 50.
+        metrics: any of ``accuracy``, ``fid``, ``kid``, ``pr`` (and ``is``/``clip_score`` where available).
+        seed: seed of the sampling noise; fixed so successive measurements differ only by the model.
+        cache_dir: where the judge and the reference statistics are cached (``${paths.cache_dir}``).
+        reference: ``mnist5k`` or a folder of real images.
+        features: ``judge`` (MNIST digit classifier, offline) or ``inception`` (local weights).
+        batch_size: generation and feature-extraction batch size.
+        at_train_end: also measure once when training ends.
+        prefix: metric name prefix.
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int = 1000,
+        per_class: int = 10,
+        guidance_scale: float = 3.0,
+        sampler: dict[str, Any] | None = None,
+        metrics: list[str] | tuple[str, ...] = ("accuracy", "fid", "kid"),
+        seed: int = 1234,
+        cache_dir: str = ".cache/ldm",
+        reference: str = "mnist5k",
+        features: str = "judge",
+        batch_size: int = 256,
+        at_train_end: bool = True,
+        prefix: str = "val/",
+    ) -> None:
+        from ldm.metrics.suite import SAMPLE_METRICS
+
+        if every_n_steps < 0 or per_class < 1:
+            raise ValueError(f"need every_n_steps >= 0 and per_class >= 1, got {every_n_steps}, {per_class}")
+        unknown = sorted(set(metrics) - set(SAMPLE_METRICS))
+        if unknown:
+            raise ValueError(f"unknown metrics {unknown}; choose from {list(SAMPLE_METRICS)}")
+        self.every_n_steps, self.per_class, self.guidance_scale = int(every_n_steps), int(per_class), float(guidance_scale)
+        self.sampler_cfg = dict(sampler) if sampler is not None else None
+        self.metrics, self.seed, self.batch_size = [str(m) for m in metrics], int(seed), int(batch_size)
+        self.at_train_end, self.prefix = bool(at_train_end), prefix
+        # The subset of ldm-evaluate's config that its measurement reads.
+        self.eval_cfg = OmegaConf.create({
+            "reference": reference, "reference_split": "train", "reference_val_fraction": 0.1, "reference_seed": 0,
+            "features": features, "inception_weights": None, "clip_model": None, "pr_k": 3,
+            "kid": {"subsets": 100, "subset_size": 1000}, "batch_size": batch_size, "paths": {"cache_dir": str(cache_dir)},
+        })
+        self._measure = None  # SampleMetrics, built on first use (trains/loads the judge once)
+        self._last_step = -1
+        self.history: list[dict[str, float]] = []
+
+    # --- hooks ----------------------------------------------------------------------------------------
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        # At the start of the batch after step N rather than at the end of step N: Lightning runs callback
+        # hooks before the module's own on_train_batch_end, where the EMA weights take step N's update.
+        step = trainer.global_step
+        if self.every_n_steps and step > 0 and step % self.every_n_steps == 0 and step != self._last_step:
+            self.measure_and_log(trainer, pl_module)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.at_train_end and trainer.global_step != self._last_step:
+            self.measure_and_log(trainer, pl_module)
+
+    # --- work -----------------------------------------------------------------------------------------
+    def conditions(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+        from ldm.data.captions import held_out_prompt
+        from ldm.sampling import class_conditions
+
+        conditioner = pl_module.conditioner
+        num_classes = getattr(conditioner, "num_classes", None) or getattr(getattr(trainer, "datamodule", None), "num_classes", None)
+        uses_text = "caption" in getattr(conditioner, "input_keys", ())
+        if not num_classes:
+            return {"n": [None] * self.per_class}
+        # Text models get a held-out prompt per class, so accuracy also measures prompt following.
+        return class_conditions(int(num_classes), self.per_class, held_out_prompt if uses_text else None)
+
+    def compute(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
+        """Generate the fixed set and measure it: ``{prefix + name: value, prefix + name_n: count, ...}``."""
+        from ldm.metrics import to_uint8_nhwc
+        from ldm.metrics.suite import SampleMetrics, SampleSet, flat_metrics
+
+        if pl_module.image_size is None:
+            raise ValueError("the module has no image_size yet: SampleMetricsCallback needs a datamodule with image_size")
+        sampler = pl_module.sampler()
+        was_training = sampler.unet.training
+        sampler.unet.eval()  # no dropout while sampling, whether or not the EMA copy is used
+        try:
+            conditions = self.conditions(trainer, pl_module)
+            generator = torch.Generator(device=sampler.device).manual_seed(self.seed)
+            images = sampler.sample(conditions, int(pl_module.image_size), self.sampler_cfg, self.guidance_scale,
+                                    generator, self.batch_size)
+        finally:
+            sampler.unet.train(was_training)
+        labels = conditions.get("label")
+        samples = SampleSet(to_uint8_nhwc(images), None if labels is None else labels.numpy(),
+                            conditions.get("caption"), f"step {trainer.global_step}")
+        if self._measure is None:
+            self._measure = SampleMetrics(self.eval_cfg, samples.images.shape[1], samples.images.shape[-1])
+        results, skipped = self._measure.run(samples, self.metrics)
+        for name, reason in skipped.items():
+            log.info("sample metric %s skipped: %s", name, reason)
+        flat = flat_metrics(results, self.prefix)
+        # Values with their counts; settings such as KID's subset count stay out of the curves.
+        return {k: float(v) for k, v in flat.items() if k.endswith(_LOGGED_SUFFIXES) or k[len(self.prefix):] in results}
+
+    def measure_and_log(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
+        self._last_step = trainer.global_step
+        values: dict[str, Any] | None = None
+        if trainer.is_global_zero:
+            try:
+                values = self.compute(trainer, pl_module)
+            except Exception as err:  # the other ranks wait in broadcast: tell them instead of hanging
+                values = {"error": f"{type(err).__name__}: {err}"}
+                if trainer.world_size == 1:
+                    raise
+        # Rank 0 measured; every rank receives the same scalars (a no-op on a single process).
+        values = trainer.strategy.broadcast(values, src=0)
+        if "error" in values:
+            raise RuntimeError(f"SampleMetricsCallback failed on rank 0 at step {trainer.global_step}: {values['error']}")
+        for logger in trainer.loggers:
+            logger.log_metrics(values, step=trainer.global_step)
+        trainer.callback_metrics.update({k: torch.tensor(v) for k, v in values.items()})
+        self.history.append({"step": float(trainer.global_step), **values})
+        return values
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"last_step": self._last_step}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._last_step = int(state_dict.get("last_step", -1))
