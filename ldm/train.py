@@ -8,17 +8,23 @@
 from __future__ import annotations
 
 import logging
+import os
+import sys
 from pathlib import Path
 from typing import Any
 
 import hydra
 import lightning.pytorch as pl
+import torch
 from hydra.core.hydra_config import HydraConfig
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from ldm.config import ConfigError, check_constructor_keys, instantiate_checked, register_resolvers
+from ldm.io.checkpoint_io import check_resume_checkpoint, newest_resume_checkpoint, read_checkpoint
 from ldm.io.export import write_text_atomic
 from ldm.lit.export import AutoencoderExport, LatentDiffusionExport
+from ldm.lit.reliability import NonFiniteLossError, keep_csv_history
 
 log = logging.getLogger("ldm.train")
 register_resolvers()
@@ -26,6 +32,11 @@ register_resolvers()
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
 STAGES = ("vae", "ldm")
+# 128 + SIGTERM, the shell's status for a process stopped by SIGTERM: schedulers and retry loops see an
+# unfinished run (after ResumeCheckpoint wrote last.ckpt) rather than a finished one.
+PREEMPTED_EXIT_CODE = 143
+# Bad input raises ValueError (ConfigError, ExportError, CheckpointError, ...) with a message naming the fix.
+USER_ERRORS = (ValueError, NonFiniteLossError)
 
 
 def run_dir(cfg: DictConfig) -> Path:
@@ -35,19 +46,23 @@ def run_dir(cfg: DictConfig) -> Path:
 
 
 def resolve_ckpt_path(cfg: DictConfig, out: Path) -> str | None:
-    """``ckpt_path=last`` resumes this run folder's last.ckpt, or starts fresh (and says so)."""
+    """``ckpt_path=last`` resumes this run folder's newest checkpoint (last.ckpt, or a SLURM requeue's
+    hpc_ckpt), or starts fresh (and says so). The file is checked to be a readable checkpoint here, before
+    any data or model is built."""
     if cfg.ckpt_path is None:
         return None
     if str(cfg.ckpt_path) == "last":
-        last = out / "checkpoints" / "last.ckpt"
-        if last.is_file():
-            log.info("resuming from %s", last)
-            return str(last)
-        log.warning("ckpt_path=last but %s does not exist: starting fresh", last)
-        return None
-    path = Path(str(cfg.ckpt_path))
-    if not path.is_file():
-        raise ConfigError(f"ckpt_path={path} does not exist (use ckpt_path=last to resume this run folder)")
+        last = newest_resume_checkpoint(out)
+        if last is None:
+            log.warning("ckpt_path=last but %s does not exist: starting fresh", out / "checkpoints" / "last.ckpt")
+            return None
+        path = last
+    else:
+        path = Path(str(cfg.ckpt_path))
+        if not path.is_file():
+            raise ConfigError(f"ckpt_path={path} does not exist (use ckpt_path=last to resume this run folder)")
+    read_checkpoint(path)
+    log.info("resuming from %s", path)
     return str(path)
 
 
@@ -72,30 +87,80 @@ def check_config(cfg: DictConfig) -> None:
         node = OmegaConf.select(cfg, key)
         if node is not None:
             check_constructor_keys(node, key)
+    if cfg.stage.name == "ldm":
+        check_sampling(cfg)
+
+
+def check_sampling(cfg: DictConfig) -> None:
+    """Sampler settings are first used at a preview or after training; a bad one must fail before it."""
+    steps = OmegaConf.select(cfg, "sampler.steps")
+    num_timesteps = int(OmegaConf.select(cfg, "schedule.num_train_timesteps") or 1000)
+    if steps is not None and not 1 <= int(steps) <= num_timesteps:
+        raise ConfigError(f"sampler.steps={steps} is out of range: use 1..{num_timesteps} (schedule.num_train_timesteps)")
+    scales = {"stage.final_samples.guidance_scale": OmegaConf.select(cfg, "stage.final_samples.guidance_scale")}
+    for i, scale in enumerate(OmegaConf.select(cfg, "stage.module.preview.guidance_scales") or []):
+        scales[f"stage.module.preview.guidance_scales[{i}]"] = scale
+    for key, scale in scales.items():
+        if scale is not None and not float(scale) >= 0:
+            raise ConfigError(f"{key}={scale} is out of range: guidance scales must be >= 0 (1 = no guidance)")
+
+
+def configure_backends(cfg: DictConfig) -> None:
+    """Process-wide numerics switches, set before any model is built. ``tf32``: fp32 matmuls and
+    convolutions on Ampere+ GPUs use TF32 tensor cores (10-bit mantissa inputs, fp32 accumulation);
+    no effect on CPU. null leaves PyTorch's defaults alone."""
+    tf32 = cfg.get("tf32")
+    if tf32 is not None:
+        torch.backends.cuda.matmul.allow_tf32 = bool(tf32)
+        torch.backends.cudnn.allow_tf32 = bool(tf32)
+
+
+def batch_plan(cfg: DictConfig, trainer: pl.Trainer) -> dict[str, int]:
+    """The batch each optimizer step sees, spelled out: the learning rate is never rescaled for it."""
+    per_device = int(cfg.data.batch_size)
+    accumulate = int(trainer.accumulate_grad_batches)
+    world = int(trainer.world_size)
+    return {
+        "per_device": per_device,
+        "world_size": world,
+        "accumulate_grad_batches": accumulate,
+        "global": per_device * world * accumulate,
+    }
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit the configured stage; returns the final logged metrics and the paths it wrote."""
     check_config(cfg)
+    configure_backends(cfg)
     out = run_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
+    ckpt_path = resolve_ckpt_path(cfg, out)
     write_text_atomic(out / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     pl.seed_everything(int(cfg.seed), workers=True)
 
     datamodule = instantiate_checked(cfg.data, "data")
     module = instantiate_checked(cfg.stage.module, "stage.module")
+    if ckpt_path is not None:
+        check_resume_checkpoint(ckpt_path, module, cfg.stage.name)
     if cfg.stage.name == "ldm" and cfg.stage.latent_cache:
         from ldm.data.latent_cache import LatentCacheDataModule
 
         datamodule = LatentCacheDataModule(datamodule, module.first_stage, Path(cfg.paths.cache_dir) / "latents")
     callbacks = build_callbacks(cfg, out)
     trainer: pl.Trainer = instantiate_checked(cfg.trainer, "trainer", callbacks=callbacks, logger=build_loggers(cfg) or False)
+    plan = batch_plan(cfg, trainer)
+    if trainer.is_global_zero:
+        log.info("batch: %(per_device)d per device x %(world_size)d devices x %(accumulate_grad_batches)d "
+                 "accumulated = %(global)d per optimizer step", plan)
+    if ckpt_path is not None:
+        keep_csv_history(trainer.loggers)
     for logger in trainer.loggers:
-        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        logger.log_hyperparams({**OmegaConf.to_container(cfg, resolve=True), "batch": plan})
 
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg, out))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
 
     results: dict[str, Any] = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    results.update({f"batch/{k}": v for k, v in plan.items()})
     results["run_dir"] = str(out)
     results["export"] = str(out / "export")
     if cfg.stage.name == "ldm" and cfg.stage.final_samples.enabled and trainer.is_global_zero:
@@ -126,7 +191,15 @@ def _finish_wandb() -> None:
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    results = train(cfg)
+    try:
+        results = train(cfg)
+    except SIGTERMException:
+        sys.exit(PREEMPTED_EXIT_CODE)  # ResumeCheckpoint has written last.ckpt and said so
+    except USER_ERRORS as err:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(f"ldm-train: error: {err}\n(HYDRA_FULL_ERROR=1 shows the traceback)", file=sys.stderr, flush=True)
+        sys.exit(2)
     # A scalar lets Hydra sweepers (e.g. Optuna) optimise the run.
     monitor = cfg.stage.monitor
     return results.get(monitor)

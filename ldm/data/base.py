@@ -15,6 +15,7 @@ samplers hand them.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -86,9 +87,23 @@ class EpochShuffleSampler(Sampler[tuple[int, int]]):
         self.seed = seed
         self.shuffle = shuffle
         self.epoch = 0
+        self._resume: tuple[int, int] | None = None
+        # (epoch, first position) of the pass most recently begun; what a checkpoint records.
+        self.last_pass = (0, 0)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
+
+    def resume_at(self, epoch: int, start: int) -> None:
+        """Begin the next pass over ``epoch`` at its ``start``-th sample (a mid-epoch resume).
+
+        Only the pass over that very epoch is shortened, so a later ``set_epoch`` to another epoch (the
+        checkpoint was taken at an epoch's end) starts that one from its beginning.
+        """
+        if not 0 <= start <= self.num_samples:
+            raise ValueError(f"resume position {start} is outside this epoch of {self.num_samples} samples")
+        self.epoch = int(epoch)
+        self._resume = (int(epoch), int(start))
 
     def __len__(self) -> int:
         return self.num_samples
@@ -96,13 +111,86 @@ class EpochShuffleSampler(Sampler[tuple[int, int]]):
     def __iter__(self) -> Iterator[tuple[int, int]]:
         epoch = self.epoch
         self.epoch += 1
+        start = 0
+        if self._resume is not None:
+            start = self._resume[1] if self._resume[0] == epoch else 0
+            self._resume = None
+        self.last_pass = (epoch, start)
         if self.shuffle:
             generator = torch.Generator().manual_seed(sample_seed(self.seed, epoch, -1))
             order = torch.randperm(self.num_samples, generator=generator).tolist()
         else:
             order = range(self.num_samples)
-        for index in order:
+        for index in order[start:]:
             yield index, epoch
+
+
+class ResumableDataLoader(DataLoader):
+    """The training DataLoader, resumable mid-epoch: Lightning saves its ``state_dict`` in every checkpoint
+    (``loops.fit_loop.state_dict.combined_loader``) and loads it before the first batch of a resumed run.
+
+    The state is the epoch in progress and how many of its batches were handed out, so a resumed run
+    continues with the next batch instead of replaying the epoch; the skipped samples are never loaded,
+    only their indices are. It also holds the loader generator's state at the start of that epoch, from
+    which the workers' seeds are drawn, so worker RNG streams continue too.
+    """
+
+    def __init__(self, dataset: Dataset, sampler: EpochShuffleSampler, **kwargs: Any) -> None:
+        super().__init__(dataset, sampler=sampler, **kwargs)
+        self._pass = (0, 0)
+        self._batches_yielded = 0
+        self._generator_state: torch.Tensor | None = None
+
+    def __iter__(self) -> Iterator[Any]:
+        # Taken before the base iterator draws the workers' base seed from the generator.
+        generator_state = self.generator.get_state() if self.generator is not None else None
+        started = False
+        for batch in super().__iter__():
+            if not started:
+                # Only now is the pass settled (Lightning sets the epoch after creating the iterator);
+                # until then the state still describes the previous pass.
+                started = True
+                self._pass = self.sampler.last_pass if isinstance(self.sampler, EpochShuffleSampler) else (0, 0)
+                self._generator_state = generator_state
+                self._batches_yielded = 0
+            self._batches_yielded += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, Any]:
+        if not isinstance(self.sampler, EpochShuffleSampler):
+            # Lightning swaps in a distributed sampler under DDP; its position is not tracked here.
+            return {"resumable": False}
+        epoch, start = self._pass
+        state = {
+            "resumable": True,
+            "epoch": epoch,
+            "samples_consumed": start + self._batches_yielded * int(self.batch_size or 1),
+            "num_samples": len(self.sampler),
+        }
+        if self._generator_state is not None:
+            state["generator_state"] = self._generator_state
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not state.get("resumable") or not isinstance(self.sampler, EpochShuffleSampler):
+            warnings.warn(
+                "the checkpoint holds no data position for this loader: its epoch restarts from the first batch",
+                stacklevel=2,
+            )
+            return
+        if int(state["num_samples"]) != len(self.sampler):
+            raise ValueError(
+                f"the checkpoint was written with {state['num_samples']} training samples, this run has "
+                f"{len(self.sampler)}: the data changed, so its order cannot be continued; resume with the "
+                "same data, or start a new run from the exported weights"
+            )
+        epoch, consumed = int(state["epoch"]), int(state["samples_consumed"])
+        remaining = len(self.sampler) - consumed
+        if remaining <= 0 or (self.drop_last and remaining < int(self.batch_size or 1)):
+            epoch, consumed = epoch + 1, 0  # that epoch had no batch left
+        self.sampler.resume_at(epoch, consumed)
+        if "generator_state" in state and self.generator is not None:
+            self.generator.set_state(state["generator_state"])
 
 
 def stratified_split(
@@ -248,7 +336,7 @@ class ImageDataModule(LightningDataModule):
                 "so drop_last would leave no batches; lower data.batch_size or add data"
             )
         return self._make_loader(
-            dataset, sampler=EpochShuffleSampler(len(dataset), self.seed), drop_last=True
+            dataset, sampler=EpochShuffleSampler(len(dataset), self.seed), drop_last=True, resumable=True
         )
 
     def val_dataloader(self) -> DataLoader | list:
@@ -262,9 +350,11 @@ class ImageDataModule(LightningDataModule):
             raise RuntimeError(f"the {split} dataset is not built yet; call setup('fit') first")
         return dataset
 
-    def _make_loader(self, dataset: Dataset, sampler: Sampler | None, drop_last: bool) -> DataLoader:
+    def _make_loader(
+        self, dataset: Dataset, sampler: Sampler | None, drop_last: bool, resumable: bool = False
+    ) -> DataLoader:
         persistent = self.num_workers > 0
-        return DataLoader(
+        return (ResumableDataLoader if resumable else DataLoader)(
             dataset,
             batch_size=self.batch_size,
             sampler=sampler,

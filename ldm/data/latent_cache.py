@@ -18,7 +18,7 @@ from lightning.pytorch import LightningDataModule
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader, Dataset
 
-from ldm.data.base import EpochShuffleSampler, sample_rng
+from ldm.data.base import EpochShuffleSampler, ResumableDataLoader, sample_rng
 from ldm.io.export import save_tensors_atomic, write_text_atomic
 
 CACHE_VERSION = 1
@@ -155,7 +155,7 @@ class LatentCacheDataModule(LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         batch_size = self.batch_size
-        return DataLoader(
+        return ResumableDataLoader(
             self.train_dataset,
             batch_size=batch_size,
             sampler=EpochShuffleSampler(len(self.train_dataset), int(self.seed or 0)),

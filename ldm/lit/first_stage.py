@@ -19,10 +19,16 @@ class FirstStage(nn.Module):
     every stage-2 checkpoint and export.
     """
 
-    def __init__(self, autoencoder: nn.Module, scale_factor: float, sample_posterior: bool = True) -> None:
+    def __init__(
+        self, autoencoder: nn.Module, scale_factor: float, sample_posterior: bool = True, chunk_size: int | None = None
+    ) -> None:
         super().__init__()
+        if chunk_size is not None and chunk_size < 1:
+            raise ValueError(f"chunk_size must be a positive number of images or None, got {chunk_size}")
         self.autoencoder = autoencoder.eval().requires_grad_(False)
         self.sample_posterior = sample_posterior
+        # Encode/decode at most this many images at once: bounds activation memory for large batches.
+        self.chunk_size = chunk_size
         self.register_buffer("scale_factor", torch.tensor(float(scale_factor)))
 
     @classmethod
@@ -58,8 +64,10 @@ class FirstStage(nn.Module):
     @torch.no_grad()
     def encode_moments(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Posterior mean and std, unscaled: (B, C, h, w) each. What the latent cache stores."""
-        posterior = self.autoencoder.encode(images)
-        return posterior.mean, posterior.std
+        moments = [self.autoencoder.encode(chunk) for chunk in self._chunks(images)]
+        if len(moments) == 1:
+            return moments[0].mean, moments[0].std
+        return torch.cat([m.mean for m in moments]), torch.cat([m.std for m in moments])
 
     def scale(self, mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator | None = None):
         if self.sample_posterior:
@@ -73,7 +81,11 @@ class FirstStage(nn.Module):
 
     @torch.no_grad()
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        return self.autoencoder.decode(z / self.scale_factor)
+        z = z / self.scale_factor
+        return torch.cat([self.autoencoder.decode(chunk) for chunk in self._chunks(z)])
+
+    def _chunks(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return x.split(self.chunk_size) if self.chunk_size else (x,)
 
     def train(self, mode: bool = True) -> FirstStage:
         # Frozen: always in eval mode (no dropout, fixed norms), whatever Lightning asks.

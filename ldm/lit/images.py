@@ -54,10 +54,7 @@ def log_image_grid(trainer, key: str, images: Tensor, nrow: int, caption: str | 
 
     for logger in trainer.loggers:
         if isinstance(logger, WandbLogger):
-            logger.log_image(
-                key=key,
-                images=[grid],
-                step=trainer.global_step,
-                caption=None if caption is None else [caption],
-            )
+            # WandbLogger takes every extra kwarg as a per-image list, so None must not be passed.
+            extra = {} if caption is None else {"caption": [caption]}
+            logger.log_image(key=key, images=[grid], step=trainer.global_step, **extra)
     return path

@@ -37,6 +37,24 @@ class PreviewConfig:
     seed: int = 1234
 
 
+@dataclass
+class SpeedConfig:
+    """Speed/memory switches that do not change the maths (gradient checkpointing is a UNet argument).
+
+    compile_unet: ``torch.compile`` the training UNet in place (``nn.Module.compile``, so state-dict keys
+        keep the CompVis layout); the EMA copy is never compiled: it runs rarely, at other batch sizes.
+    compile_mode: torch.compile mode ("default", "reduce-overhead", "max-autotune").
+    channels_last: NHWC memory format for the UNet's convolutions (faster on tensor cores and oneDNN).
+    vae_chunk_size: the frozen first stage encodes/decodes at most this many images at a time, which
+        bounds its activation memory for large batches; null = the whole batch at once.
+    """
+
+    compile_unet: bool = False
+    compile_mode: str = "default"
+    channels_last: bool = False
+    vae_chunk_size: int | None = None
+
+
 def check_compatibility(unet: nn.Module, conditioner: nn.Module, first_stage: FirstStage) -> None:
     """Fail at start-up, naming both values, when the parts cannot work together."""
     latent = first_stage.latent_channels
@@ -63,9 +81,15 @@ class LatentDiffusionModule(pl.LightningModule):
         lr_scheduler: Any = None,
         ema: EMAConfig | None = None,
         preview: PreviewConfig | None = None,
+        speed: SpeedConfig | None = None,
     ) -> None:
         super().__init__()
         check_compatibility(unet, conditioner, first_stage)
+        self.speed = speed or SpeedConfig()
+        if self.speed.channels_last:
+            unet = unet.to(memory_format=torch.channels_last)
+        if self.speed.vae_chunk_size is not None:
+            first_stage.chunk_size = int(self.speed.vae_chunk_size)
         self.unet = unet
         self.conditioner = conditioner
         self.first_stage = first_stage
@@ -73,9 +97,12 @@ class LatentDiffusionModule(pl.LightningModule):
         self.optimizer_factory = optimizer
         self.scheduler_factory = lr_scheduler
         self.lr = lr
+        # The EMA copy is taken before any compilation, so it stays a plain module.
         self.ema = EMA(unet, ema) if ema is not None else None
         self.preview = preview or PreviewConfig()
         self.image_size: int | None = None
+        if self.speed.compile_unet:
+            self.unet.compile(mode=self.speed.compile_mode)
 
     # --- the parts a sampler needs ------------------------------------------------------------
     def sampling_unet(self) -> nn.Module:
@@ -90,6 +117,17 @@ class LatentDiffusionModule(pl.LightningModule):
         )
 
     # --- training ---------------------------------------------------------------------------------
+    def on_fit_start(self) -> None:
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        # FSDP shards and flattens the live parameters; the EMA copy is unsharded, so pairing them
+        # parameter by parameter would average the wrong tensors without any error.
+        if self.ema is not None and isinstance(self.trainer.strategy, FSDPStrategy):
+            raise ConfigError(
+                "EMA is not supported under trainer=fsdp (the EMA copy would be averaged against sharded "
+                "weights): set stage.module.ema=null, or use trainer=ddp when the model fits one device"
+            )
+
     def setup(self, stage: str) -> None:
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if dm is not None and getattr(dm, "image_size", None):
@@ -123,8 +161,18 @@ class LatentDiffusionModule(pl.LightningModule):
             if mask.any():
                 self.log(f"train/loss_t{b}", per_sample[mask].mean(), batch_size=int(mask.sum()))
 
+    def on_train_start(self) -> None:
+        self._last_stepped = self.global_step
+
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self.ema is not None:
+        # With gradient accumulation this hook runs after every micro-batch, but the weights only
+        # change when the optimizer steps: average once per optimizer step, or the decay is off by k.
+        if self.global_step == getattr(self, "_last_stepped", -1):
+            return
+        self._last_stepped = self.global_step
+        # A step whose gradients were dropped (ldm.lit.reliability.NonFiniteGuard sets them to None) left the
+        # weights alone, so the EMA must not count it either.
+        if self.ema is not None and any(p.grad is not None for p in self.unet.parameters()):
             self.ema.update(self.unet)
         every = self.preview.every_n_steps
         if every and self.global_step % every == 0 and self.global_step > 0:

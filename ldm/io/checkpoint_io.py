@@ -1,0 +1,147 @@
+"""Lightning checkpoints that survive crashes, and resume checkpoints checked before training starts.
+
+``AtomicCheckpointIO`` is Lightning's ``TorchCheckpointIO`` with the write made atomic and durable: the
+checkpoint goes to a temporary file beside its target, is fsynced, and is renamed over the target
+(``ldm.io.export.atomic_path``). A process killed with SIGKILL half-way through a save, or a disk that
+fills up, therefore leaves the previous ``last.ckpt`` in place, never a truncated one.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.fabric.utilities.cloud_io import get_filesystem
+from torch import nn
+
+from ldm.io.export import atomic_path
+
+# The state-dict prefix only a LightningModule of that stage has (the stage 2 module also holds the frozen
+# autoencoder, under first_stage.autoencoder.*).
+STAGE_KEY_PREFIXES = {"vae": "autoencoder.", "ldm": "unet."}
+_READ_ERRORS = (RuntimeError, pickle.UnpicklingError, EOFError, zipfile.BadZipFile, OSError, ValueError)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be read, does not fit this run, or could not be written."""
+
+
+def _is_local(path: str | os.PathLike) -> bool:
+    protocol = get_filesystem(str(path)).protocol
+    return "file" in (protocol if isinstance(protocol, tuple) else (protocol,))
+
+
+def remove_stale_temporaries(path: Path) -> None:
+    """Delete temporaries of ``path`` that a killed writer left behind (atomic_path's ``.<name>.*.tmp``).
+
+    One process writes a given checkpoint path at a time (rank 0), so any such file is an orphan; left
+    alone, each SIGKILL during a save would leave a checkpoint-sized file to fill the disk.
+    """
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        stale.unlink(missing_ok=True)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """``TorchCheckpointIO`` whose local writes are temp file + fsync + rename (remote paths: Lightning's own)."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        if storage_options is not None or not _is_local(path):
+            super().save_checkpoint(checkpoint, path, storage_options)
+            return
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(path)
+        try:
+            with atomic_path(path) as tmp:
+                torch.save(checkpoint, tmp)
+        except OSError as err:
+            survivor = f"the previous {path.name} is intact" if path.is_file() else "no earlier checkpoint exists there"
+            raise CheckpointError(
+                f"could not write checkpoint {path}: {err.strerror or err}; {survivor}. "
+                "Free disk space (or point paths.output_dir elsewhere) and resume with ckpt_path=last"
+            ) from err
+
+    def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
+        try:
+            return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
+        except FileNotFoundError as err:
+            raise CheckpointError(f"checkpoint {path} does not exist") from err
+        except _READ_ERRORS as err:
+            raise CheckpointError(f"checkpoint {path} is not readable ({_first_line(err)}); it is truncated, corrupt "
+                                  "or not a torch checkpoint: resume from another one") from err
+
+
+def _first_line(err: BaseException) -> str:
+    """``Type: first sentence`` of an error: torch's reader errors run on for several sentences."""
+    text = str(err).strip().splitlines()
+    if not text:
+        return type(err).__name__
+    sentence = text[0].split(". ")[0].rstrip(".")
+    return f"{type(err).__name__}: {sentence[:160]}"
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """A Lightning checkpoint, memory-mapped (cheap even for large files) and never unpickling code."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"ckpt_path={path} does not exist (use ckpt_path=last to resume this run folder)")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except _READ_ERRORS as err:
+        raise CheckpointError(
+            f"ckpt_path={path} is not a readable checkpoint ({_first_line(err)}): the file is truncated, corrupt or "
+            "not a torch checkpoint; resume from another one, e.g. an earlier step*.ckpt in the same folder"
+        ) from err
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict) or "loops" not in checkpoint:
+        raise CheckpointError(
+            f"ckpt_path={path} is not a Lightning training checkpoint (no state_dict/loops): ckpt_path resumes a run "
+            "from <run>/checkpoints/*.ckpt; an export folder is loaded with first_stage.path= (stage 2) instead"
+        )
+    return checkpoint
+
+
+def checkpoint_stage(state_dict: dict[str, Any]) -> str | None:
+    for stage, prefix in STAGE_KEY_PREFIXES.items():
+        if any(key.startswith(prefix) for key in state_dict):
+            return stage
+    return None
+
+
+def check_resume_checkpoint(path: str | os.PathLike, module: nn.Module, stage: str) -> None:
+    """Fail before training when ``path`` cannot resume ``module`` (stage ``stage``): wrong stage, other keys
+    or shapes. Lightning would only find out after data set-up, with a raw state-dict error."""
+    state = read_checkpoint(path)["state_dict"]
+    found = checkpoint_stage(state)
+    if found is not None and found != stage:
+        raise CheckpointError(
+            f"ckpt_path={path} is a stage={found} checkpoint, but this run is stage={stage}: resume with a "
+            f"checkpoint of an `ldm-train stage={stage}` run (or set stage={found})"
+        )
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shape = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))
+    if not (missing or unexpected or shape):
+        return
+    lines = [f"ckpt_path={path} does not fit this run's {type(module).__name__}:"]
+    if missing:
+        lines.append(f"  missing ({len(missing)}): {missing[:6]}")
+    if unexpected:
+        lines.append(f"  unexpected ({len(unexpected)}): {unexpected[:6]}")
+    for key in shape[:6]:
+        lines.append(f"  shape of {key}: checkpoint {tuple(state[key].shape)} vs model {tuple(own[key].shape)}")
+    lines.append("  resume with the model options of the run that wrote it (its config.yaml lies beside checkpoints/)")
+    raise CheckpointError("\n".join(lines))
+
+
+def newest_resume_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    """The most recent of ``<run>/checkpoints/last.ckpt`` and the ``hpc_ckpt_*.ckpt`` that Lightning's SLURM
+    requeue handler writes into the run folder; None when there is neither."""
+    run_dir = Path(run_dir)
+    candidates = [p for p in [run_dir / "checkpoints" / "last.ckpt", *run_dir.glob("hpc_ckpt_*.ckpt")] if p.is_file()]
+    return max(candidates, key=lambda p: p.stat().st_mtime_ns) if candidates else None

@@ -1,0 +1,290 @@
+"""Callbacks that keep a long run continuable: RNG state in checkpoints, a checkpoint on preemption, and a
+guard against non-finite losses and gradients.
+
+Lightning already checkpoints the weights, optimizers, LR schedulers, loop progress and (through
+``ResumableDataLoader``) the data position; these add what it leaves out, so that N steps straight and
+N/2 steps + resume + N/2 steps end in the same state, bit for bit on CPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import signal
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from lightning.fabric.plugins.environments import SLURMEnvironment
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+log = logging.getLogger("ldm.reliability")
+
+NAN_POLICIES = ("skip", "stop")
+
+
+# --- RNG state ------------------------------------------------------------------------------------
+def collect_rng_state() -> dict[str, Any]:
+    """The global torch (CPU and CUDA), numpy and Python RNG states, as tensors and plain types only, so the
+    checkpoint still loads with ``torch.load(weights_only=True)``."""
+    kind, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "kind": str(kind),
+            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached_gaussian),
+        },
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    numpy_state = state["numpy"]
+    np.random.set_state((
+        numpy_state["kind"],
+        numpy_state["keys"].numpy().astype(np.uint32),
+        numpy_state["pos"],
+        numpy_state["has_gauss"],
+        numpy_state["cached_gaussian"],
+    ))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    cuda = state.get("cuda")
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+class RNGStateCheckpoint(pl.Callback):
+    """Saves the global RNG streams in every checkpoint and restores them on resume.
+
+    Lightning seeds once at start-up, so without this a resumed run draws the diffusion noise, timesteps
+    and posterior samples of its first steps from the seed's stream again. The state is restored right
+    before the first training batch after the checkpoint is loaded, not at load time: whatever draws from
+    the global generators in between (e.g. a DataLoader without its own generator taking its workers'
+    base seed) would otherwise shift the stream.
+    """
+
+    def __init__(self) -> None:
+        self._pending: dict[str, Any] | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return collect_rng_state()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._pending = state_dict
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        if self._pending is not None:
+            restore_rng_state(self._pending)
+            self._pending = None
+
+
+# --- last.ckpt at stops ------------------------------------------------------------------------------
+class ResumeCheckpoint(pl.Callback):
+    """Keeps ``<dirpath>/last.ckpt`` current at the two moments ModelCheckpoint (which saves at validation)
+    misses: a preemption signal, and the end of training between two validations.
+
+    Preemption: on SIGTERM (and SIGUSR1 outside SLURM) Lightning's own handler lets the step in progress
+    finish and raises ``SIGTERMException`` out of the fit loop; this callback writes last.ckpt at that point,
+    a clean step boundary from which ``ckpt_path=last`` continues exactly. SIGUSR1 (the usual "time is
+    nearly up" signal of schedulers) is routed to the same path. Under SLURM, SIGUSR1 is left to
+    Lightning's SLURM environment, which saves an ``hpc_ckpt`` and requeues the job (auto_requeue).
+    """
+
+    def __init__(self, dirpath: str, filename: str = "last") -> None:
+        if not filename:
+            raise ValueError("ResumeCheckpoint needs a filename (without .ckpt)")
+        self.dirpath = Path(dirpath)
+        self.filename = filename
+        self._saved_step = -1
+        self._previous_sigusr1: Any = None
+
+    @property
+    def ckpt_path(self) -> Path:
+        return self.dirpath / f"{self.filename}.ckpt"
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._saved_step = -1
+        if SLURMEnvironment.detect() or not hasattr(signal, "SIGUSR1"):
+            return
+        try:
+            self._previous_sigusr1 = signal.signal(signal.SIGUSR1, self._on_sigusr1)
+        except ValueError:  # not the main thread: signals cannot be handled here
+            self._previous_sigusr1 = None
+
+    @staticmethod
+    def _on_sigusr1(signum: int, frame: Any) -> None:
+        # Re-sent as SIGTERM so Lightning's handler (installed for the duration of fit) takes it from here.
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    def _restore_handler(self) -> None:
+        if self._previous_sigusr1 is not None:
+            signal.signal(signal.SIGUSR1, self._previous_sigusr1)
+            self._previous_sigusr1 = None
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        # ModelCheckpoint writes its top-k file and last.ckpt at the same step.
+        self._saved_step = int(checkpoint.get("global_step", -1))
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Runs before the export callbacks, whose latent statistics draw from the global RNG.
+        if self._saved_step != trainer.global_step:
+            trainer.save_checkpoint(self.ckpt_path)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._restore_handler()
+        if not isinstance(exception, SIGTERMException):
+            return
+        trainer.save_checkpoint(self.ckpt_path)
+        if trainer.is_global_zero:
+            print(
+                f"ldm-train: stopped by a signal at step {trainer.global_step}; checkpoint written to "
+                f"{self.ckpt_path}. Resume with ckpt_path=last (same run_name) or ckpt_path={self.ckpt_path}",
+                flush=True,
+            )
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._restore_handler()
+
+
+# --- non-finite guard -----------------------------------------------------------------------------
+class NonFiniteLossError(RuntimeError):
+    """Training met a non-finite loss or gradient and was configured (or forced) to stop."""
+
+
+class NonFiniteGuard(pl.Callback):
+    """Detects a non-finite loss or gradient before it reaches the weights.
+
+    Every loss that is backpropagated and every gradient an optimizer is about to apply are checked
+    (both stages: automatic and manual optimisation pass through the same hooks). On a bad step the
+    gradients are dropped (set to None), so the optimizer leaves the weights and its moments alone and
+    the EMA, which follows weight updates only, is untouched. Then, by ``policy``:
+
+    * ``skip``: count it (``train/nonfinite_skipped``), warn with the step and the loss terms, continue;
+      more than ``max_consecutive_skips`` bad steps in a row means the run has diverged, and it stops.
+    * ``stop``: write ``nonfinite-step<N>.ckpt`` (the last good weights) and raise ``NonFiniteLossError``
+      naming the step, the loss terms and that checkpoint.
+
+    A skipped step still counts towards ``max_steps`` and the LR schedule, as GradScaler's skips do.
+    Under fp16 mixed precision the loss scaler already skips steps with overflowing gradients (it needs
+    them to calibrate), so there only the loss is checked.
+    """
+
+    def __init__(self, policy: str = "skip", max_consecutive_skips: int = 10, dirpath: str | None = None) -> None:
+        if policy not in NAN_POLICIES:
+            raise ValueError(f"nan guard policy must be one of {NAN_POLICIES}, got {policy!r}")
+        if max_consecutive_skips < 0:
+            raise ValueError(f"max_consecutive_skips must be >= 0, got {max_consecutive_skips}")
+        self.policy = policy
+        self.max_consecutive_skips = int(max_consecutive_skips)
+        self.dirpath = Path(dirpath) if dirpath is not None else None
+        self.skipped = 0
+        self.consecutive = 0
+        self._bad_loss = False
+        self._bad_step = False
+        self._bad_what: list[str] = []
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"skipped": self.skipped, "consecutive": self.consecutive}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.skipped = int(state_dict.get("skipped", 0))
+        self.consecutive = int(state_dict.get("consecutive", 0))
+
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
+        if not bool(torch.isfinite(loss.detach()).all()):
+            self._bad_loss = True
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        bad = []
+        if self._bad_loss:
+            bad.append("loss")
+        if getattr(trainer.precision_plugin, "scaler", None) is None and not gradients_finite(optimizer):
+            bad.append("gradient")
+        self._bad_loss = False
+        if bad:
+            # No gradient, no update: torch optimizers skip parameters whose .grad is None entirely
+            # (no moment update, no weight decay, no step count).
+            optimizer.zero_grad(set_to_none=True)
+            self._bad_step = True
+            self._bad_what.extend(w for w in bad if w not in self._bad_what)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        bad, what = self._bad_step, " and ".join(self._bad_what)
+        self._bad_step, self._bad_what = False, []
+        if not bad:
+            self.consecutive = 0
+        else:
+            self.skipped += 1
+            self.consecutive += 1
+        pl_module.log("train/nonfinite_skipped", float(self.skipped), on_step=True, on_epoch=False, batch_size=1)
+        if not bad:
+            return
+        terms = loss_terms(trainer, outputs)
+        step = trainer.global_step
+        diverged = self.consecutive > self.max_consecutive_skips
+        if self.policy == "skip" and not diverged:
+            log.warning("non-finite %s at step %d (%s): step skipped, %d skipped so far", what, step, terms, self.skipped)
+            return
+        ckpt = (self.dirpath or Path(trainer.default_root_dir) / "checkpoints") / f"nonfinite-step{step:07d}.ckpt"
+        trainer.save_checkpoint(ckpt)
+        reason = (
+            f"{self.consecutive} steps in a row (callbacks.nan_guard.max_consecutive_skips={self.max_consecutive_skips}): "
+            "the run has diverged" if diverged else "callbacks.nan_guard.policy=stop"
+        )
+        raise NonFiniteLossError(
+            f"non-finite {what} at step {step} ({terms}); stopped by {reason}. The last good weights are in "
+            f"{ckpt} (resuming from it continues after this batch). Try a lower learning rate, "
+            "trainer.gradient_clip_val=1.0, or trainer.precision=32-true"
+            + ("" if diverged else ", or callbacks.nan_guard.policy=skip to skip such steps")
+        )
+
+
+def gradients_finite(optimizer: Any) -> bool:
+    """Whether every gradient the optimizer holds is finite (one device sync: max |g| over all)."""
+    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    if not grads:
+        return True
+    # The max-norm never overflows on finite values and is NaN/inf as soon as one entry is.
+    return bool(torch.isfinite(torch.nn.utils.get_total_norm(grads, norm_type=math.inf)))
+
+
+def loss_terms(trainer: pl.Trainer, outputs: Any) -> str:
+    """The training losses logged this step, ``name=value`` joined, for error messages."""
+    values = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/") and "nonfinite" not in k}
+    if not values and isinstance(outputs, dict) and torch.is_tensor(outputs.get("loss")):
+        values["loss"] = float(outputs["loss"])
+    return ", ".join(f"{k}={v:.4g}" for k, v in sorted(values.items())) or "no loss logged"
+
+
+# --- logs -----------------------------------------------------------------------------------------
+def keep_csv_history(loggers: list[Any]) -> list[Path]:
+    """Move a CSVLogger's existing ``metrics.csv`` to ``metrics.<n>.csv`` before a resumed run starts.
+
+    Lightning's CSV writer deletes ``metrics.csv`` when it opens a log folder that has one, which on a
+    resume in the same run folder would erase the curve of every step trained so far. Returns the files
+    kept (segment ``n`` = the n-th interrupted part of the run, in order).
+    """
+    from lightning.pytorch.loggers import CSVLogger
+
+    kept = []
+    for logger in loggers:
+        if not isinstance(logger, CSVLogger):
+            continue
+        metrics = Path(logger.log_dir) / "metrics.csv"
+        if metrics.is_file():
+            n = 1 + sum(1 for _ in metrics.parent.glob("metrics.*.csv"))
+            kept.append(metrics.rename(metrics.with_name(f"metrics.{n}.csv")))
+            log.info("kept the metrics logged before this resume in %s", kept[-1])
+    return kept
