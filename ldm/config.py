@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import inspect
+import os
+import sys
 from typing import Any
 
 from hydra.errors import InstantiationException
@@ -92,3 +95,16 @@ def instantiate_checked(node: DictConfig, where: str, **kwargs: Any) -> Any:
         return instantiate(node, **kwargs)
     except InstantiationException as err:
         raise ConfigError(f"could not build `{where}` from its config: {err}") from err
+
+
+@contextlib.contextmanager
+def user_errors_as_messages(prog: str, errors: tuple[type[BaseException], ...] = (ValueError,)):
+    """Bad input (ValueError and its kin: ConfigError, ExportError...) becomes one line naming the fix and
+    exit status 2, instead of a traceback; ``HYDRA_FULL_ERROR=1`` keeps the traceback."""
+    try:
+        yield
+    except errors as err:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(f"{prog}: error: {err}\n(HYDRA_FULL_ERROR=1 shows the traceback)", file=sys.stderr, flush=True)
+        sys.exit(2)

@@ -20,7 +20,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ldm.config import ConfigError, register_resolvers
+from ldm.config import ConfigError, register_resolvers, user_errors_as_messages
 from ldm.io.export import write_text_atomic
 from ldm.metrics import (
     to_uint8_nhwc,
@@ -192,7 +192,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="evaluate")
 def main(cfg: DictConfig) -> None:
-    evaluate(cfg)
+    with user_errors_as_messages("ldm-evaluate"):
+        evaluate(cfg)
 
 
 if __name__ == "__main__":

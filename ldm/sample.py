@@ -17,7 +17,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from PIL import Image
 from rich.progress import Progress
 
-from ldm.config import ConfigError, register_resolvers
+from ldm.config import ConfigError, register_resolvers, user_errors_as_messages
 from ldm.lit.images import save_png, to_uint8_grid
 from ldm.sampling import LatentEdit, LatentSampler, save_samples_npz, to_uint8_nhwc, write_manifest
 
@@ -152,7 +152,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="sample")
 def main(cfg: DictConfig) -> None:
-    run(cfg)
+    with user_errors_as_messages("ldm-sample"):
+        run(cfg)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,13 @@ from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from ldm.config import ConfigError, check_constructor_keys, instantiate_checked, register_resolvers
+from ldm.config import (
+    ConfigError,
+    check_constructor_keys,
+    instantiate_checked,
+    register_resolvers,
+    user_errors_as_messages,
+)
 from ldm.io.checkpoint_io import check_resume_checkpoint, newest_resume_checkpoint, read_checkpoint
 from ldm.io.export import write_text_atomic
 from ldm.lit.export import AutoencoderExport, LatentDiffusionExport
@@ -191,15 +196,11 @@ def _finish_wandb() -> None:
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    try:
-        results = train(cfg)
-    except SIGTERMException:
-        sys.exit(PREEMPTED_EXIT_CODE)  # ResumeCheckpoint has written last.ckpt and said so
-    except USER_ERRORS as err:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
-        print(f"ldm-train: error: {err}\n(HYDRA_FULL_ERROR=1 shows the traceback)", file=sys.stderr, flush=True)
-        sys.exit(2)
+    with user_errors_as_messages("ldm-train", USER_ERRORS):
+        try:
+            results = train(cfg)
+        except SIGTERMException:
+            sys.exit(PREEMPTED_EXIT_CODE)  # ResumeCheckpoint has written last.ckpt and said so
     # A scalar lets Hydra sweepers (e.g. Optuna) optimise the run.
     monitor = cfg.stage.monitor
     return results.get(monitor)

@@ -81,3 +81,17 @@ def test_the_console_entry_point_finds_its_configs(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert "FrozenTextEncoder" in result.stdout and "name: ldm" in result.stdout
+
+
+@pytest.mark.parametrize(("module", "args", "message"), [
+    ("ldm.sample", ["model_path=/nonexistent/export"], "ldm-sample: error: export folder /nonexistent/export does not exist"),
+    ("ldm.evaluate", ["samples=/nonexistent.npz"], "ldm-evaluate: error:"),
+])
+def test_clis_turn_bad_input_into_one_line(tmp_path, module, args, message):
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", module, *args, f"paths.root_dir={tmp_path}"],
+                            capture_output=True, text=True, timeout=120, env={**__import__("os").environ, "HYDRA_FULL_ERROR": "0"})
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr
