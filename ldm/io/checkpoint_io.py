@@ -19,7 +19,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from torch import nn
 
-from ldm.io.export import atomic_path
+from ldm.io.export import atomic_path, state_mismatches
 
 # The state-dict prefix only a LightningModule of that stage has (the stage 2 module also holds the frozen
 # autoencoder, under first_stage.autoencoder.*).
@@ -122,19 +122,10 @@ def check_resume_checkpoint(path: str | os.PathLike, module: nn.Module, stage: s
             f"ckpt_path={path} is a stage={found} checkpoint, but this run is stage={stage}: resume with a "
             f"checkpoint of an `ldm-train stage={stage}` run (or set stage={found})"
         )
-    own = module.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    shape = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))
-    if not (missing or unexpected or shape):
+    problems = state_mismatches(module, state, limit=6)
+    if not problems:
         return
-    lines = [f"ckpt_path={path} does not fit this run's {type(module).__name__}:"]
-    if missing:
-        lines.append(f"  missing ({len(missing)}): {missing[:6]}")
-    if unexpected:
-        lines.append(f"  unexpected ({len(unexpected)}): {unexpected[:6]}")
-    for key in shape[:6]:
-        lines.append(f"  shape of {key}: checkpoint {tuple(state[key].shape)} vs model {tuple(own[key].shape)}")
+    lines = [f"ckpt_path={path} does not fit this run's {type(module).__name__}:", *problems]
     lines.append("  resume with the model options of the run that wrote it (its config.yaml lies beside checkpoints/)")
     raise CheckpointError("\n".join(lines))
 

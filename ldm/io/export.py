@@ -112,21 +112,27 @@ def read_export(folder: str | os.PathLike, kind: str | None = None):
     return tensors, config, meta
 
 
-def load_state_strict(module: torch.nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
-    """``load_state_dict(strict=True)`` with a report that lists what did not match."""
+def state_mismatches(module: torch.nn.Module, tensors: dict[str, torch.Tensor], limit: int = 8) -> list[str]:
+    """Lines naming what of ``tensors`` does not fit ``module``: missing, unexpected, wrong shape."""
     own = module.state_dict()
     missing = sorted(set(own) - set(tensors))
     unexpected = sorted(set(tensors) - set(own))
-    shape = sorted(k for k in set(own) & set(tensors) if own[k].shape != tensors[k].shape)
-    if missing or unexpected or shape:
-        lines = [f"weights in {source} do not fit {type(module).__name__}:"]
-        if missing:
-            lines.append(f"  missing ({len(missing)}): {missing[:8]}")
-        if unexpected:
-            lines.append(f"  unexpected ({len(unexpected)}): {unexpected[:8]}")
-        for k in shape[:8]:
-            lines.append(f"  shape of {k}: checkpoint {tuple(tensors[k].shape)} vs model {tuple(own[k].shape)}")
-        raise ExportError("\n".join(lines))
+    shape = sorted(k for k in set(own) & set(tensors) if tuple(own[k].shape) != tuple(tensors[k].shape))
+    lines = []
+    if missing:
+        lines.append(f"  missing ({len(missing)}): {missing[:limit]}")
+    if unexpected:
+        lines.append(f"  unexpected ({len(unexpected)}): {unexpected[:limit]}")
+    for k in shape[:limit]:
+        lines.append(f"  shape of {k}: checkpoint {tuple(tensors[k].shape)} vs model {tuple(own[k].shape)}")
+    return lines
+
+
+def load_state_strict(module: torch.nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
+    """``load_state_dict(strict=True)`` with a report that lists what did not match."""
+    problems = state_mismatches(module, tensors)
+    if problems:
+        raise ExportError("\n".join([f"weights in {source} do not fit {type(module).__name__}:", *problems]))
     module.load_state_dict(tensors, strict=True)
 
 
