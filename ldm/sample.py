@@ -19,6 +19,7 @@ from rich.progress import Progress
 
 from ldm.config import ConfigError, register_resolvers, user_errors_as_messages
 from ldm.lit.images import save_png, to_uint8_grid
+from ldm.lit.inpainting import INPAINT_KEY, inpaint_condition
 from ldm.sampling import LatentEdit, LatentSampler, save_samples_npz, to_uint8_nhwc, write_manifest
 
 register_resolvers()
@@ -110,6 +111,17 @@ def build_edit(cfg: DictConfig, sampler: LatentSampler, image_size: int, count: 
     return LatentEdit(z0, strength, keep)
 
 
+def inpaint_model_condition(cfg: DictConfig, sampler: LatentSampler, image_size: int, count: int) -> torch.Tensor:
+    if cfg.init_images is None or cfg.mask is None:
+        raise ConfigError("this is an inpainting model (cond=inpaint): give init_images=... and mask=... (white = keep)")
+    channels = sampler.first_stage.autoencoder.config.in_channels
+    images = load_images(cfg.init_images, image_size, channels).to(sampler.device)
+    images = images[torch.arange(count) % images.shape[0]]
+    keep = (load_images(cfg.mask, image_size, 1)[:1].to(sampler.device) + 1) / 2
+    holes = (1 - keep).round().expand(count, 1, -1, -1)
+    return inpaint_condition(sampler.first_stage, images, holes)
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     from ldm.io.load import load_ldm
 
@@ -119,7 +131,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     image_size = int(cfg.image_size or info["config"]["data"]["image_size"])
     conditions = build_conditions(cfg, sampler)
     count = len(next(iter(conditions.values())))
-    edit = build_edit(cfg, sampler, image_size, count)
+    if INPAINT_KEY in getattr(sampler.conditioner, "input_keys", ()):
+        # An inpainting model (cond=inpaint) is told what to keep through its own condition.
+        conditions[INPAINT_KEY] = inpaint_model_condition(cfg, sampler, image_size, count)
+        edit = None
+    else:
+        edit = build_edit(cfg, sampler, image_size, count)
     scales = cfg.guidance_scale if isinstance(cfg.guidance_scale, ListConfig) else [cfg.guidance_scale]
     for scale in scales:
         if float(scale) < 0:

@@ -144,7 +144,11 @@ class LatentSampler:
             chunk = _slice(conditions, start, min(n, start + batch_size))
             m = _batch_size_of(chunk)
             chunk = {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in chunk.items() if k != "n"}
-            cond = self.conditioner(chunk) if chunk else self.conditioner.unconditional(m, device=self.device)
+            cond = (
+                self.conditioner(chunk)
+                if chunk
+                else self.conditioner.unconditional(m, device=self.device, spatial_size=shape[1:])
+            )
             denoise = self.objective.denoiser(self.model_fn(self.unet))
             if guidance_scale != 1.0:
                 uncond = self.conditioner(chunk, force_unconditional=True) if chunk else cond
@@ -209,9 +213,11 @@ def write_final_samples(module: Any, datamodule: Any, out_dir: str | Path, cfg: 
     out_dir = Path(out_dir)
     sampler = module.sampler()
     num_classes = int(getattr(datamodule, "num_classes", 0) or 0)
-    if not num_classes:
+    keys = set(module.conditioner.input_keys)
+    # Class-major sets need a model conditioned on labels or on text (prompted per class).
+    if not num_classes or not keys & {"label", "caption"} or keys - {"label", "caption"}:
         return {}
-    uses_text = "caption" in getattr(module.conditioner, "input_keys", ())
+    uses_text = "caption" in keys
     conditions = class_conditions(num_classes, int(settings.per_class), held_out_prompt if uses_text else None)
     sampler_cfg = dict(cfg.sampler)
     seed = int(cfg.seed)

@@ -19,6 +19,7 @@ from ldm.diffusion.objective import DiffusionObjective
 from ldm.lit.ema import EMA, EMAConfig
 from ldm.lit.first_stage import FirstStage
 from ldm.lit.images import log_image_grid
+from ldm.lit.inpainting import INPAINT_KEY, inpaint_condition, random_box_masks
 from ldm.sampling import LatentSampler
 
 # Training loss is also logged per quarter of the timestep range: where a model is weak shows there.
@@ -139,7 +140,18 @@ class LatentDiffusionModule(pl.LightningModule):
             return self.first_stage.scale(batch["latent_mean"], batch["latent_std"], generator=generator)
         return self.first_stage.encode(batch["image"], generator=generator)
 
+    def with_inpaint_condition(self, batch: dict[str, Any], generator=None) -> dict[str, Any]:
+        """Inpainting models train on random holes in each image (cond=inpaint reads INPAINT_KEY)."""
+        if INPAINT_KEY not in self.conditioner.input_keys or INPAINT_KEY in batch:
+            return batch
+        if "image" not in batch:
+            raise ConfigError("cond=inpaint needs images to mask: turn stage.latent_cache off")
+        images = batch["image"]
+        holes = random_box_masks(images.shape[0], images.shape[-1], generator).to(images.device)
+        return {**batch, INPAINT_KEY: inpaint_condition(self.first_stage, images, holes)}
+
     def diffusion_loss(self, unet: nn.Module, batch: dict[str, Any], generator=None):
+        batch = self.with_inpaint_condition(batch, generator)
         z0 = self.latents(batch, generator)
         cond = self.conditioner(batch)
         per_sample, t = self.objective.loss(LatentSampler.model_fn(unet), z0, cond, generator=generator)
