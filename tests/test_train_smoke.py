@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -74,3 +75,28 @@ def test_channel_mismatch_between_first_stage_and_unet_fails_at_start(stage1, co
                     "model.ldm.unet.in_channels=7", *FAST], tmp_path)
     with pytest.raises(ConfigError, match="in_channels=7 but latent_channels=3"):
         train(cfg)
+
+
+def test_an_inpainting_model_samples_from_image_and_mask(stage1, compose_cfg, tmp_path):
+    from hydra import compose, initialize_config_dir
+    from PIL import Image
+
+    from ldm.sample import run
+
+    vae_out, _ = stage1
+    train(compose_cfg(["stage=ldm", "cond=inpaint", "model/ldm=unet_tiny", f"first_stage.path={vae_out / 'export'}",
+                       *FAST], tmp_path / "train"))
+    Image.fromarray(np.full((32, 32), 255, np.uint8)).save(tmp_path / "init.png")
+    mask = np.zeros((32, 32), np.uint8)
+    mask[:16] = 255  # keep the top half
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    base = [f"model_path={tmp_path / 'train' / 'export'}", "n=3", "sampler=ddim", "sampler.steps=2", "save_pngs=false"]
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        cfg = compose("sample", overrides=[*base, f"init_images={tmp_path / 'init.png'}", f"mask={tmp_path / 'mask.png'}",
+                                           f"out_dir={tmp_path / 's'}", f"paths.output_dir={tmp_path / 's'}"])
+        missing = compose("sample", overrides=[*base, f"out_dir={tmp_path / 'm'}", f"paths.output_dir={tmp_path / 'm'}"])
+    run(cfg)
+    assert np.load(tmp_path / "s" / "samples.npz")["arr_0"].shape == (3, 32, 32, 1)
+    with pytest.raises(ConfigError, match="inpainting model.*init_images"):
+        run(missing)
