@@ -129,7 +129,7 @@ def test_inception_score_is_skipped_without_weights_not_crashing(tmp_path, cache
     # Without weights, or without torch-fidelity itself: either way a reason, not a crash.
     assert any(word in report["skipped"]["is"] for word in ("Inception", "torch-fidelity"))
     assert "clip_model=" in report["skipped"]["clip_score"]
-    with pytest.raises(ConfigError, match="features=inception .*not available offline"):
+    with pytest.raises(ConfigError, match="features=inception .*(not available offline|torch-fidelity)"):
         evaluate(compose_evaluate([f"samples={tmp_path / 's.npz'}", "features=inception", "metrics=[fid]"],
                                   tmp_path / "out", cache))
 
