@@ -305,9 +305,8 @@ def check_image_input(x: Tensor, in_channels: int, downsample_factor: int) -> No
     """Images must be (B, in_channels, H, W) with H and W divisible by the downsample factor."""
     if x.dim() != 4 or x.shape[1] != in_channels:
         raise ValueError(f"expected images (B, {in_channels}, H, W), got {tuple(x.shape)}")
-    f = downsample_factor
-    if x.shape[-1] % f != 0 or x.shape[-2] % f != 0:
-        raise ValueError(f"image size {tuple(x.shape[-2:])} must be divisible by the downsample factor {f}")
+    if x.shape[-1] % downsample_factor or x.shape[-2] % downsample_factor:
+        raise ValueError(f"image size {tuple(x.shape[-2:])} must be divisible by the downsample factor {downsample_factor}")
 
 
 class DiagonalGaussianDistribution:
