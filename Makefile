@@ -10,7 +10,7 @@ RUN ?= outputs/default
 TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
 
-.PHONY: help install train train-vae train-ldm test test-fast lint clean
+.PHONY: help install train train-vae train-ldm experiment test test-fast lint clean
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-12s %s\n", $$1, $$2}'
@@ -33,6 +33,10 @@ train-vae: install  ## stage 1 only (args: ARGS="model/vae=kl_f8 ...")
 
 train-ldm: install  ## stage 2 only (args: ARGS="first_stage.path=<export> cond=text ...")
 	$(BIN)/ldm-train stage=ldm $(ARGS)
+
+experiment: install  ## one study of experiments/ and its results table (NAME=guidance; SMOKE=1: a few steps)
+	@test -n "$(NAME)" || { echo "usage: make experiment NAME=<$$(ls experiments | tr '\n' ' ')> [SMOKE=1] [ARGS=...]"; exit 2; }
+	$(BIN)/ldm-experiment $(NAME) $(if $(SMOKE),--smoke) $(ARGS)
 
 test: install  ## the test suite (CPU)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

@@ -30,6 +30,27 @@ def _export_latent_channels(path: Any, default: Any = 4) -> int:
     return export_latent_channels(None if path is None else str(path), int(default))
 
 
+def sweep_tags(tags: Any = ()) -> list[str]:
+    """The configured tags plus, in a Hydra multirun job, that job's overrides (``objective=v``,
+    ``seed=1``): runs of one sweep then filter and group by the swept values in the wandb UI."""
+    out = [str(t) for t in (tags or [])]
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+            # wandb caps a tag at 64 characters; a long path override is cut, not refused.
+            out += [str(o).lstrip("+~")[:64] for o in HydraConfig.get().overrides.task]
+    except ImportError:
+        pass
+    return list(dict.fromkeys(out))
+
+
+def flat_numbers(results: dict[str, Any]) -> dict[str, float]:
+    """The numeric entries of a results dict: what ``results.json`` holds for ldm-report."""
+    return {k: float(v) for k, v in results.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
 def register_resolvers() -> None:
     """Resolvers the configs use; idempotent so tests and entry points can both call it."""
     resolvers = {

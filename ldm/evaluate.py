@@ -12,7 +12,9 @@ whose weights are not available here (Inception Score, CLIP score, LPIPS) are sk
 from __future__ import annotations
 
 import json
+import math
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +22,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ldm.config import ConfigError, register_resolvers, user_errors_as_messages
+from ldm.config import ConfigError, register_resolvers, sweep_tags, user_errors_as_messages
 from ldm.io.export import write_text_atomic
 from ldm.metrics import (
     to_uint8_nhwc,
@@ -59,17 +61,30 @@ def generate(cfg: DictConfig, out_dir: Path) -> SampleSet:
     else:
         conditions = build_conditions(cfg, sampler)
     generator = torch.Generator(device=sampler.device).manual_seed(int(cfg.seed))
-    print(f"generating {len(next(iter(conditions.values())))} samples with {sampler_cfg}", flush=True)
-    images = sampler.sample(conditions, image_size, dict(sampler_cfg), float(cfg.guidance_scale), generator,
-                            int(cfg.batch_size))
+    count = len(next(iter(conditions.values())))
+    print(f"generating {count} samples with {sampler_cfg}", flush=True)
+    unet_calls = []  # one entry per UNet forward: the measured cost of a sampler, whatever its design
+    hook = sampler.unet.register_forward_hook(lambda *_: unet_calls.append(1))
+    started = time.perf_counter()
+    try:
+        images = sampler.sample(conditions, image_size, dict(sampler_cfg), float(cfg.guidance_scale), generator,
+                                int(cfg.batch_size))
+    finally:
+        hook.remove()
+    seconds = time.perf_counter() - started
+    batches = math.ceil(count / int(cfg.batch_size))
+    # CFG runs the conditional and unconditional halves in one batched call, so a call is one NFE here.
+    cost = {"nfe": len(unet_calls) / batches, "generate_s": seconds, "images_per_s": count / seconds}
     labels, prompts = conditions.get("label"), conditions.get("caption")
     npz = save_samples_npz(out_dir / "samples.npz", images, labels=labels, prompts=prompts)
     write_manifest(out_dir / "manifest.json", {
         "command": OmegaConf.to_container(cfg, resolve=True), "sampler": sampler_cfg, "seed": int(cfg.seed),
         "guidance_scale": float(cfg.guidance_scale), "image_size": image_size, "model": str(cfg.model_path),
-        "model_sha256": file_hash(Path(str(cfg.model_path))),
+        "model_sha256": file_hash(Path(str(cfg.model_path))), "cost": cost,
     })
-    return load_samples(npz)
+    samples = load_samples(npz)
+    samples.cost = cost
+    return samples
 
 
 def evaluate_samples(cfg: DictConfig, samples: SampleSet) -> dict[str, Any]:
@@ -84,6 +99,7 @@ def evaluate_samples(cfg: DictConfig, samples: SampleSet) -> dict[str, Any]:
         "samples": {"source": samples.source, "n": len(samples.images), "resolution": resolution,
                     "channels": channels, "labels": samples.labels is not None},
         "reference": {"name": str(cfg.reference), "key": measure.key, "split": str(cfg.reference_split)},
+        "cost": samples.cost,
     }
 
 
@@ -183,11 +199,32 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         beside = beside.with_name(f"{beside.stem if beside.is_file() else beside.name}.metrics.json")
         write_text_atomic(beside, text)
         report["written"].append(str(beside))
-    wandb = sys.modules.get("wandb")  # only a process that imported wandb can hold an active run
-    if wandb is not None and getattr(wandb, "run", None) is not None:
-        wandb.run.summary.update(flat_metrics(report["metrics"]))
+    # ldm-report reads a sweep job's numbers from here (and its overrides from .hydra/).
+    numbers = {**flat_metrics(report["metrics"], prefix=""), **report.get("cost", {})}
+    write_text_atomic(out_dir / "results.json", json.dumps(numbers, indent=2, sort_keys=True))
+    log_to_wandb(cfg, report)
     print(report["summary"], flush=True)
     return report
+
+
+def log_to_wandb(cfg: DictConfig, report: dict[str, Any]) -> None:
+    """Into the active wandb run if the caller holds one (e.g. a notebook); else, with ``wandb.enabled``,
+    a run of its own (one per sweep job, grouped by ``wandb.group``, tagged with the job's overrides)."""
+    values = {**flat_metrics(report["metrics"]), **{f"eval/{k}": v for k, v in report.get("cost", {}).items()}}
+    wandb = sys.modules.get("wandb")  # only a process that imported wandb can hold an active run
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.run.summary.update(values)
+        return
+    settings = cfg.get("wandb") or {}
+    if not settings.get("enabled"):
+        return
+    import wandb
+
+    run = wandb.init(project=str(settings.project), group=settings.get("group"), job_type="evaluate",
+                     tags=sweep_tags(settings.get("tags")), mode=str(settings.mode), dir=str(cfg.out_dir),
+                     config=OmegaConf.to_container(cfg, resolve=True), reinit="finish_previous")
+    run.summary.update(values)
+    run.finish()  # each multirun job ends its own run, or the next job would log into it
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="evaluate")

@@ -202,6 +202,22 @@ def class_conditions(num_classes: int, per_class: int, prompt_for: Callable[[int
     return conditions
 
 
+def final_sample_metrics(images: torch.Tensor, labels: torch.Tensor, names: list[str], cfg: Any) -> dict[str, float]:
+    """FID, KID, precision/recall of the final set against MNIST-5k train on the judge's features: the
+    same measurement (and reference cache) as ``ldm-evaluate``, so a training sweep's table needs no
+    second pass over its samples."""
+    from ldm.metrics import to_uint8_nhwc
+    from ldm.metrics.suite import SampleMetrics, SampleSet, evaluation_config, flat_metrics
+
+    names = [n for n in names if n != "accuracy"]  # measured above, with the judge itself
+    if not names:
+        return {}
+    samples = SampleSet(to_uint8_nhwc(images), labels.numpy(), None, "final samples")
+    measure = SampleMetrics(evaluation_config(str(cfg.paths.cache_dir)), samples.images.shape[1], samples.images.shape[-1])
+    results, _ = measure.run(samples, names)
+    return flat_metrics(results, prefix="")
+
+
 def write_final_samples(module: Any, datamodule: Any, out_dir: str | Path, cfg: Any) -> dict[str, Any]:
     """The embedded default's end: K classes x N samples with the EMA weights, a grid, the npz, and
     the conditional accuracy judged by a digit classifier trained on real data (when the data has one)."""
@@ -244,6 +260,7 @@ def write_final_samples(module: Any, datamodule: Any, out_dir: str | Path, cfg: 
         judge = load_or_train_judge(cfg.paths.cache_dir)
         accuracy = conditional_accuracy(judge, images, labels)
         results.update({"accuracy": float(accuracy), "accuracy_n": int(len(labels))})
+        results.update(final_sample_metrics(images, labels, [str(m) for m in settings.get("metrics") or []], cfg))
     write_manifest(
         out_dir / "manifest.json",
         {

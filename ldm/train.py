@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from pathlib import Path
@@ -22,8 +23,10 @@ from omegaconf import DictConfig, OmegaConf
 from ldm.config import (
     ConfigError,
     check_constructor_keys,
+    flat_numbers,
     instantiate_checked,
     register_resolvers,
+    sweep_tags,
     user_errors_as_messages,
 )
 from ldm.io.checkpoint_io import check_resume_checkpoint, newest_resume_checkpoint, read_checkpoint
@@ -82,7 +85,13 @@ def build_callbacks(cfg: DictConfig, out: Path) -> list[pl.Callback]:
 
 
 def build_loggers(cfg: DictConfig) -> list:
-    return [instantiate_checked(node, f"logger.{name}") for name, node in (cfg.get("logger") or {}).items()]
+    loggers = []
+    for name, node in (cfg.get("logger") or {}).items():
+        extra = {}
+        if "WandbLogger" in str(node.get("_target_", "")):
+            extra["tags"] = sweep_tags(node.get("tags"))
+        loggers.append(instantiate_checked(node, f"logger.{name}", **extra))
+    return loggers
 
 
 def check_config(cfg: DictConfig) -> None:
@@ -173,6 +182,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
         results.update(write_final_samples(module, datamodule, out / "samples", cfg))
     if trainer.is_global_zero:
+        # ldm-report reads every sweep job's numbers from here (and its overrides from .hydra/).
+        write_text_atomic(out / "results.json", json.dumps(flat_numbers(results), indent=2, sort_keys=True))
         summarize(results)
     _finish_wandb()
     return results

@@ -12,7 +12,6 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from omegaconf import OmegaConf
 
 log = logging.getLogger(__name__)
 _LOGGED_SUFFIXES = ("_n", "_ref_n", "_std", "_precision", "_recall")
@@ -58,7 +57,7 @@ class SampleMetricsCallback(pl.Callback):
         at_train_end: bool = True,
         prefix: str = "val/",
     ) -> None:
-        from ldm.metrics.suite import SAMPLE_METRICS
+        from ldm.metrics.suite import SAMPLE_METRICS, evaluation_config
 
         if every_n_steps < 0 or per_class < 1:
             raise ValueError(f"need every_n_steps >= 0 and per_class >= 1, got {every_n_steps}, {per_class}")
@@ -69,12 +68,7 @@ class SampleMetricsCallback(pl.Callback):
         self.sampler_cfg = dict(sampler) if sampler is not None else None
         self.metrics, self.seed, self.batch_size = [str(m) for m in metrics], int(seed), int(batch_size)
         self.at_train_end, self.prefix = bool(at_train_end), prefix
-        # The subset of ldm-evaluate's config that its measurement reads.
-        self.eval_cfg = OmegaConf.create({
-            "reference": reference, "reference_split": "train", "reference_val_fraction": 0.1, "reference_seed": 0,
-            "features": features, "inception_weights": None, "clip_model": None, "pr_k": 3,
-            "kid": {"subsets": 100, "subset_size": 1000}, "batch_size": batch_size, "paths": {"cache_dir": str(cache_dir)},
-        })
+        self.eval_cfg = evaluation_config(str(cache_dir), reference, features, batch_size)
         self._measure = None  # SampleMetrics, built on first use (trains/loads the judge once)
         self._last_step = -1
         self.history: list[dict[str, float]] = []

@@ -8,7 +8,7 @@ import hashlib
 import tempfile
 import zipfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,7 @@ class SampleSet:
     labels: np.ndarray | None = None  # (N,) int, the class each sample was generated for
     prompts: list[str] | None = None
     source: str = ""
+    cost: dict[str, float] = field(default_factory=dict)  # generation cost (nfe, seconds) in model mode
 
 
 def device() -> torch.device:
@@ -273,6 +274,18 @@ class SampleMetrics:
             except MetricUnavailable as err:
                 skipped[name] = str(err)
         return results, skipped
+
+
+def evaluation_config(cache_dir: str, reference: str = "mnist5k", features: str = "judge", batch_size: int = 256) -> DictConfig:
+    """The subset of ldm-evaluate's config (conf/evaluate.yaml) that :class:`SampleMetrics` reads, for
+    measurements made inside training with ldm-evaluate's defaults (same reference split and cache keys)."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.create({
+        "reference": reference, "reference_split": "train", "reference_val_fraction": 0.1, "reference_seed": 0,
+        "features": features, "inception_weights": None, "clip_model": None, "pr_k": 3,
+        "kid": {"subsets": 100, "subset_size": 1000}, "batch_size": batch_size, "paths": {"cache_dir": str(cache_dir)},
+    })
 
 
 def flat_metrics(metrics: dict[str, Any], prefix: str = "eval/") -> dict[str, float]:

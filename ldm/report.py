@@ -1,0 +1,407 @@
+"""``ldm-report``: compile a Hydra multirun sweep (or a W&B group) into results.md, results.png, results.json.
+
+    ldm-report multirun/2024-06-01/12-00-00 --x sampler.steps --series sampler --lower-is-better fid --logx
+    ldm-report wandb:me/ldm/steps-sweep --out reports/steps --x sampler.steps
+
+Each job folder holds ``.hydra/overrides.yaml`` (what Hydra varied) and ``results.json`` (metric -> number).
+Jobs differing only in the seed are averaged into one row with mean ± sample std and the number of seeds:
+a single seed's number alone overstates what is known.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import statistics
+import sys
+import tempfile
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+@dataclass
+class Job:
+    """One job: its folder (or W&B run path), overrides as key -> value string, numeric metrics."""
+
+    dir: str
+    params: dict[str, str]
+    metrics: dict[str, float] = field(default_factory=dict)
+    missing: bool = False
+    note: str = ""  # why a job counts as missing, when it is more than "no results.json"
+
+
+@dataclass
+class Stat:
+    mean: float
+    std: float | None  # None for a single value: a std of 0 would claim a precision nobody measured
+    n: int
+
+
+@dataclass
+class Row:
+    """One configuration: the jobs sharing every param except the seed."""
+
+    params: dict[str, str]
+    metrics: dict[str, Stat]
+    n: int
+    dirs: list[str]
+
+
+def parse_override(text: str) -> tuple[str, str]:
+    """``+foo=bar`` / ``++foo=bar`` -> (foo, bar): the prefixes say how Hydra merged it, not what it is."""
+    key, _, value = str(text).partition("=")
+    value = value.strip()
+    if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+        value = value[1:-1]
+    return key.strip().lstrip("+"), value
+
+
+def _numeric_metrics(data: Mapping[str, Any]) -> dict[str, float]:
+    # bool is an int subclass, but True is a flag, not a measurement.
+    return {str(k): float(v) for k, v in data.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+
+
+def _natural(text: str) -> list[Any]:
+    # Job folders are 0, 1, ..., 10: plain string order would put 10 before 2.
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", text)]
+
+
+def collect(root: Path) -> list[Job]:
+    """Every folder below ``root`` with ``.hydra/overrides.yaml`` is a job; no results.json means missing."""
+    root = Path(root)
+    jobs = []
+    for overrides in sorted(root.rglob(".hydra/overrides.yaml"), key=lambda p: _natural(str(p))):
+        job_dir = overrides.parent.parent
+        try:
+            items = yaml.safe_load(overrides.read_text()) or []
+        except yaml.YAMLError as e:
+            raise ValueError(f"{overrides}: not valid YAML ({e})") from e
+        job = Job(dir=str(job_dir), params=dict(parse_override(o) for o in items))
+        result = job_dir / "results.json"
+        try:
+            data = json.loads(result.read_text()) if result.is_file() else None
+            if not isinstance(data, dict | None):
+                raise ValueError("not a JSON object")
+            job.missing, job.metrics = data is None, _numeric_metrics(data or {})
+        except ValueError as e:  # a job killed mid-write must not take the report down with it
+            job.missing, job.note = True, f"unreadable results.json: {e}"
+        jobs.append(job)
+    return jobs
+
+
+def collect_wandb(path: str, api: Any = None) -> list[Job]:
+    """Runs of a W&B group ``[entity/]project/group``; params come from the "key=value" tags of each run."""
+    parts = [p for p in path.strip("/").split("/") if p]
+    if len(parts) not in (2, 3):
+        raise ValueError(f"W&B source must be entity/project/group or project/group, got {path!r}")
+    if api is None:
+        import wandb
+
+        api = wandb.Api()
+    entity = parts[0] if len(parts) == 3 else getattr(api, "default_entity", None)
+    project, group = parts[-2], parts[-1]
+    jobs = []
+    for run in api.runs(f"{entity}/{project}" if entity else project, filters={"group": group}):
+        params = dict(parse_override(t) for t in (getattr(run, "tags", None) or []) if "=" in t)
+        summary = getattr(run, "summary", None) or {}
+        # "_step", "_runtime", "_timestamp": W&B bookkeeping, not results.
+        metrics = {k: v for k, v in _numeric_metrics(dict(summary.items())).items() if not k.startswith("_")}
+        run_path = getattr(run, "path", None)
+        job = Job("/".join(run_path) if isinstance(run_path, list | tuple) else str(run.id), params, metrics)
+        # A running or crashed run's summary holds whatever it logged last, not a final result.
+        if (state := getattr(run, "state", "finished")) != "finished" or not metrics:
+            job.missing, job.metrics = True, {}
+            job.note = f"state={state}" if state != "finished" else "no numeric summary"
+        jobs.append(job)
+    return jobs
+
+
+def _value_key(value: str) -> tuple[int, float, str]:
+    try:
+        number = float(value)
+    except ValueError:
+        return (1, 0.0, value)
+    # NaN compares false with everything and would scramble the sort; "inf"/"nan" sort as words.
+    return (0, number, "") if math.isfinite(number) else (1, 0.0, value)
+
+
+def _param_order(jobs: Iterable[Job | Row]) -> list[str]:
+    # First-seen order follows the sweep command line, which is the order its author thinks in.
+    return list(dict.fromkeys(k for job in jobs for k in job.params))
+
+
+def _rank(value: str | None, listed: Sequence[str]) -> tuple[int, int, tuple[int, float, str]]:
+    # Unset (a key only some jobs set) < listed in `order`, by position < the rest, numbers before words.
+    if value is None:
+        return (-1, 0, (0, 0.0, ""))
+    return (0, listed.index(value), (0, 0.0, "")) if value in listed else (1, 0, _value_key(value))
+
+
+def summarize(jobs: Sequence[Job], seed_key: str = "seed",
+              order: Mapping[str, Sequence[Any]] | None = None) -> list[Row]:
+    """Average finished jobs over seeds; rows sorted by params, numbers numerically, ``order`` first."""
+    groups: dict[tuple[tuple[str, str], ...], list[Job]] = {}
+    for job in jobs:
+        if not job.missing:
+            key = tuple(sorted((k, v) for k, v in job.params.items() if k != seed_key))
+            groups.setdefault(key, []).append(job)
+    rows = []
+    for members in groups.values():
+        stats = {}
+        for metric in dict.fromkeys(m for j in members for m in j.metrics):
+            values = [j.metrics[metric] for j in members if metric in j.metrics]
+            std = statistics.stdev(values) if len(values) > 1 else None
+            stats[metric] = Stat(statistics.fmean(values), std, len(values))
+        params = {k: v for k, v in members[0].params.items() if k != seed_key}  # command-line order
+        rows.append(Row(params, stats, len(members), [j.dir for j in members]))
+    explicit = {k: [str(v) for v in vals] for k, vals in (order or {}).items()}
+    keys = _param_order(rows)
+    return sorted(rows, key=lambda r: [_rank(r.params.get(k), explicit.get(k, [])) for k in keys])
+
+
+def varying_params(rows: Sequence[Row]) -> list[str]:
+    """Params that tell rows apart; the rest is the same everywhere and belongs in the "Fixed" line."""
+    return [k for k in _param_order(rows) if len({r.params.get(k) for r in rows}) > 1]
+
+
+def fixed_params(jobs: Sequence[Job]) -> dict[str, str]:
+    """Params set to one value in every finished job (a lone seed included)."""
+    done = [j for j in jobs if not j.missing]
+    return {k: done[0].params[k] for k in _param_order(done) if len({j.params.get(k) for j in done}) == 1}
+
+
+def fmt(value: float, sig: int = 4) -> str:
+    """``sig`` significant digits, plain notation where readable, no trailing zeros (12.3, not 12.30)."""
+    if not math.isfinite(value):
+        return str(value)
+    if value == 0:
+        return "0"
+    exponent = math.floor(math.log10(abs(value)))
+    if -4 <= exponent < 6:
+        text = f"{value:.{max(0, sig - 1 - exponent)}f}"
+        return text.rstrip("0").rstrip(".") if "." in text else text
+    return f"{value:.{sig - 1}e}"
+
+
+def _cell(stat: Stat | None, row_n: int, bold: bool) -> str:
+    if stat is None:
+        return "—"
+    text = fmt(stat.mean) if stat.std is None else f"{fmt(stat.mean)} ± {fmt(stat.std, 2)}"
+    text = f"**{text}**" if bold else text
+    # A metric only some seeds logged is averaged over fewer of them; say so rather than hide it.
+    return f"{text} (n={stat.n})" if stat.n != row_n else text
+
+
+def all_metrics(rows: Sequence[Row]) -> list[str]:
+    return list(dict.fromkeys(m for r in rows for m in r.metrics))
+
+
+def markdown_table(rows: Sequence[Row], metrics: Sequence[str] | None = None, *,
+                   lower_is_better: Collection[str] = (), params: Sequence[str] | None = None) -> str:
+    """Varying params, a "seeds" column where any row averages several, then metrics; best in bold.
+
+    A metric is better when lower if listed in ``lower_is_better``, when higher otherwise.
+    """
+    metrics = list(metrics) if metrics is not None else all_metrics(rows)
+    params = list(params) if params is not None else varying_params(rows)
+    seeds = any(r.n > 1 for r in rows)
+    best: dict[str, float] = {}
+    for m in metrics:
+        values = [r.metrics[m].mean for r in rows if m in r.metrics and not math.isnan(r.metrics[m].mean)]
+        if len(values) > 1:  # one value beats nothing
+            best[m] = min(values) if m in lower_is_better else max(values)
+    header = [*params, *(["seeds"] if seeds else []), *metrics]
+    align = ["---"] * len(params) + ["---:"] * (len(header) - len(params))  # numbers right-aligned
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
+    for r in rows:
+        cells = [r.params.get(k, "—") for k in params] + ([str(r.n)] if seeds else [])
+        cells += [_cell(r.metrics.get(m), r.n, m in r.metrics and r.metrics[m].mean == best.get(m)) for m in metrics]
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def _atomic(path: Path, write: Callable[[Path], None]) -> None:
+    # A reader (or a crash) never sees a half-written report: the old file stays until the new one is whole.
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the report from the rest of the group
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def plot(rows: Sequence[Row], x: str, series: str | None, metrics: Sequence[str], path: Path, title: str,
+         *, logx: bool = False) -> Path:
+    """One panel per metric against ``x``; one line per ``series`` value (and per other varying param)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # sweeps run on headless machines, where an interactive backend would fail
+    from matplotlib.figure import Figure
+
+    if not metrics:
+        raise ValueError("no metrics to plot")
+    rows = [r for r in rows if x in r.params]
+    xs = list(dict.fromkeys(r.params[x] for r in rows))
+    numeric = all(_value_key(v)[0] == 0 for v in xs)
+    position = {v: float(v) if numeric else float(i) for i, v in enumerate(xs)}
+    # Params varying besides x and series also split lines: merging them would average unlike configs.
+    keys = ([series] if series else []) + [k for k in varying_params(rows) if k not in (x, series)]
+    lines: dict[tuple[str, ...], list[Row]] = {}
+    for r in rows:
+        lines.setdefault(tuple(r.params.get(k, "—") for k in keys), []).append(r)
+    ncols, nrows = min(len(metrics), 3), math.ceil(len(metrics) / 3)
+    fig = Figure(figsize=(4.2 * ncols, 3.4 * nrows + 0.4), layout="constrained")
+    for i, metric in enumerate(metrics):
+        ax = fig.add_subplot(nrows, ncols, i + 1)
+        for j, (label, members) in enumerate(lines.items()):
+            pts = sorted(((position[r.params[x]], r.metrics[metric]) for r in members if metric in r.metrics),
+                         key=lambda pt: pt[0])  # Stats do not compare; a tie on x must not reach them
+            if not pts:
+                continue
+            errs = [s.std or 0.0 for _, s in pts]
+            name = ", ".join(f"{k}={v}" if len(keys) > 1 else v for k, v in zip(keys, label)) or None
+            ax.errorbar([p for p, _ in pts], [s.mean for _, s in pts], yerr=errs if any(errs) else None,
+                        marker="o", capsize=3, label=name, color=f"C{j % 10}")  # one colour per line in every panel
+        if numeric and logx and all(p > 0 for p in position.values()):
+            ax.set_xscale("log")
+        if not numeric or len(xs) <= 12:  # ticks at the swept values read better than 10^1, 10^2
+            ax.set_xticks(list(position.values()), xs)
+            ax.minorticks_off()
+        ax.set(xlabel=x, ylabel=metric, title=metric)
+        ax.grid(alpha=0.3)
+        if len(lines) > 1 and i == 0:
+            ax.legend(title=keys[0] if len(keys) == 1 else None, fontsize="small")
+    fig.suptitle(title)
+    _atomic(Path(path), lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    return Path(path)
+
+
+def _clean(value: Any) -> Any:
+    # Strict JSON has no NaN/Infinity; a diverged run's NaN becomes null rather than an unparsable file.
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_clean(v) for v in value]
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def write_report(root: Path | str, out_dir: Path | str, *, title: str, x: str | None = None,
+                 series: str | None = None, metrics: Sequence[str] | None = None,
+                 lower_is_better: Collection[str] = (), logx: bool = False,
+                 order: Mapping[str, Sequence[Any]] | None = None, seed_key: str = "seed", notes: str = "",
+                 jobs: Sequence[Job] | None = None) -> dict[str, Any]:
+    """Write results.md, results.json and (given ``x``) results.png; ``jobs`` skips collecting ``root``."""
+    out_dir = Path(out_dir)
+    if (out_dir / ".hydra" / "overrides.yaml").exists():
+        raise ValueError(f"{out_dir} is a job folder: the report would overwrite its results.json; use --out")
+    jobs = list(jobs) if jobs is not None else collect(Path(root))
+    done = [j for j in jobs if not j.missing]
+    if not done:
+        raise ValueError(f"no finished jobs under {root} ({len(jobs)} jobs found): expected one folder per job "
+                         "holding .hydra/overrides.yaml and results.json")
+    rows = summarize(jobs, seed_key=seed_key, order=order)
+    metrics = list(metrics) if metrics else all_metrics(rows)
+    unknown = [m for m in metrics if m not in all_metrics(rows)]
+    if unknown:
+        raise ValueError(f"unknown metrics {unknown}; the jobs report {all_metrics(rows)}")
+    for name, key in (("x", x), ("series", series)):
+        if key is not None and not any(key in r.params for r in rows):
+            raise ValueError(f"{name}={key!r} is not a param of these jobs (params: {_param_order(done)})")
+    fixed = fixed_params(jobs)
+    missing = [j for j in jobs if j.missing]
+    table = markdown_table(rows, metrics, lower_is_better=lower_is_better)
+    rel = (lambda d: os.path.relpath(d, root)) if Path(root).is_dir() else str
+    spread = f", mean ± sample std over `{seed_key}`" if any(r.n > 1 for r in rows) else ""
+    counts = f"{len(jobs)} jobs under `{root}`: {len(done)} finished, {len(missing)} missing; {len(rows)} configurations"
+    parts = [f"# {title}", counts + spread + ".", table]
+    if fixed:
+        parts.append("Fixed: " + ", ".join(f"{k}={v}" for k, v in fixed.items()))
+    lower = sorted(set(lower_is_better) & set(metrics))
+    # Direction comes from the caller; stating it lets a reader catch a bolded worst value.
+    lower_text = f"lower is better: {', '.join(lower)}; " if lower else ""
+    parts.append(f"Bold: best per metric ({lower_text}higher is better otherwise).")
+    if missing:
+        listed = [f"- `{rel(j.dir)}`" + (f" ({', '.join(f'{k}={v}' for k, v in j.params.items())})" if j.params
+                  else "") + (f": {j.note}" if j.note else "") for j in missing]
+        parts.append(f"## Missing results ({len(missing)} of {len(jobs)} jobs)\n\n" + "\n".join(listed))
+    png = None
+    if x is not None:
+        png = plot(rows, x, series, metrics, out_dir / "results.png", title, logx=logx)
+        parts.append("![](results.png)")
+    if notes:
+        parts.append(notes.strip())
+    md = "\n\n".join(parts) + "\n"
+    md_path, json_path = out_dir / "results.md", out_dir / "results.json"
+    payload = {"title": title, "source": str(root), "jobs": len(jobs), "finished": len(done), "fixed": fixed,
+               "missing": [j.dir for j in missing], "rows": [asdict(r) for r in rows]}
+    _atomic(json_path, lambda tmp: tmp.write_text(json.dumps(_clean(payload), indent=2, allow_nan=False) + "\n"))
+    _atomic(md_path, lambda tmp: tmp.write_text(md))
+    return {"markdown": md_path, "json": json_path, "plot": png, "rows": rows, "table": table, "fixed": fixed}
+
+
+def _csv(text: str | None) -> list[str]:
+    return [t.strip() for t in (text or "").split(",") if t.strip()]
+
+
+def _order_arg(text: str) -> tuple[str, list[str]]:
+    key, sep, values = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=V1,V2, got {text!r}")
+    return key, _csv(values)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ldm-report", description=__doc__.split("\n")[0])
+    parser.add_argument("source", help="sweep folder, or wandb:[entity/]project/group")
+    parser.add_argument("--out", help="output folder (default: the sweep folder; required for wandb:)")
+    parser.add_argument("--title", help="report heading (default: the source's name)")
+    parser.add_argument("--x", help="param on the plot's x axis (no plot without it)")
+    parser.add_argument("--series", help="param drawn as one line per value")
+    parser.add_argument("--metrics", help="comma-separated metrics, in column order (default: all)")
+    parser.add_argument("--lower-is-better", default="", help="comma-separated metrics where lower is better")
+    parser.add_argument("--logx", action="store_true", help="log-scale x axis")
+    parser.add_argument("--seed-key", default="seed", help="param averaged over (default: seed)")
+    parser.add_argument("--order", action="append", default=[], metavar="KEY=V1,V2", type=_order_arg,
+                        help="explicit row order for a param's values (repeatable)")
+    args = parser.parse_args(argv)
+    try:
+        order = dict(args.order)
+        if args.source.startswith("wandb:"):
+            if not args.out:
+                raise ValueError("--out is required for a wandb: source")
+            root = args.source[len("wandb:"):]
+            try:
+                jobs = collect_wandb(root)
+            except Exception as e:  # W&B raises its own types (no login, no network, no such project)
+                raise ValueError(f"cannot read W&B runs of {root!r}: {e}") from e
+            default_title = root
+        else:
+            if not Path(args.source).is_dir():
+                raise ValueError(f"{args.source} is not a folder (nor wandb:entity/project/group)")
+            root, jobs, default_title = args.source, None, Path(args.source).resolve().name
+        result = write_report(
+            root, args.out or args.source, title=args.title or default_title, x=args.x,
+            series=args.series, metrics=_csv(args.metrics) or None, lower_is_better=set(_csv(args.lower_is_better)),
+            logx=args.logx, order=order, seed_key=args.seed_key, jobs=jobs,
+        )
+    except (ValueError, OSError) as e:  # bad input: one readable line, not a traceback
+        print(f"ldm-report: error: {' '.join(str(e).split())}", file=sys.stderr)  # one line, even for YAML's
+        return 2
+    print(result["table"])
+    print(f"wrote {result['markdown']}" + (f" and {result['plot']}" if result["plot"] else ""), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
