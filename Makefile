@@ -35,7 +35,7 @@ train-ldm: install  ## stage 2 only (args: ARGS="first_stage.path=<export> cond=
 	$(BIN)/ldm-train stage=ldm $(ARGS)
 
 experiment: install  ## one study of experiments/ and its results table (NAME=guidance; SMOKE=1: a few steps)
-	@test -n "$(NAME)" || { echo "usage: make experiment NAME=<$$(ls experiments | tr '\n' ' ')> [SMOKE=1] [ARGS=...]"; exit 2; }
+	@test -n "$(NAME)" || { echo "usage: make experiment NAME=<$$(ls -d experiments/*/ | xargs -n1 basename | tr '\n' ' ')> [SMOKE=1] [ARGS=...]"; exit 2; }
 	$(BIN)/ldm-experiment $(NAME) $(if $(SMOKE),--smoke) $(ARGS)
 
 test: install  ## the test suite (CPU)

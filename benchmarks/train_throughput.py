@@ -96,11 +96,13 @@ class Runner:
         self.t = torch.randint(0, 1000, (b,), generator=gen).to(device)
         self.context = torch.randn(b, size.context_tokens, size.context_dim, generator=gen).to(device)
         self.target = torch.randn(b, c, s, s, generator=gen).to(device)
-        if args.channels_last:
+        # --speed-for ours: the switches are part of our recipe only (diffusers' training script sets neither).
+        switches = args.speed_for == "both" or name == "ours"
+        if args.channels_last and switches:
             self.model.to(memory_format=torch.channels_last)
             self.x = self.x.contiguous(memory_format=torch.channels_last)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4, **optimizer_kwargs(args.optim, name))
-        self.forward = torch.compile(self.model) if args.compile else self.model
+        self.forward = torch.compile(self.model) if args.compile and switches else self.model
         dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
         self.autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else contextlib.nullcontext
         self.is_diffusers = name == "diffusers"
@@ -189,6 +191,9 @@ def main() -> None:
     parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
     parser.add_argument("--compile", action="store_true", help="torch.compile both UNets (not the EMA copies)")
     parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--speed-for", choices=["both", "ours"], default="both",
+                        help="apply --compile/--channels-last to both models (same config) or to ours only "
+                             "(each side's recipe: diffusers' train_text_to_image.py uses neither)")
     parser.add_argument("--optim", choices=["recipe", "fused", "foreach", "loop"], default="recipe",
                         help="AdamW implementation (see optimizer_kwargs); EMA: ours vs diffusers' EMAModel "
                              "with foreach unless --optim recipe/loop (its default per-tensor loop)")
@@ -236,7 +241,7 @@ def main() -> None:
 
     print(f"device: {device} ({platform.processor() or platform.machine()}), threads {torch.get_num_threads()}, "
           f"torch {torch.__version__}, precision {args.precision}, compile {args.compile}, "
-          f"channels_last {args.channels_last}, AdamW/EMA implementation: {args.optim}")
+          f"channels_last {args.channels_last} (for {args.speed_for}), AdamW/EMA implementation: {args.optim}")
     print(f"size {args.size}: {size}")
     print(f"measured {peak_dtype} matmul peak per round: median {statistics.median(peaks) / 1e9:.1f} GFLOP/s "
           f"(min {min(peaks) / 1e9:.1f}, max {max(peaks) / 1e9:.1f})")

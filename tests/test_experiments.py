@@ -149,3 +149,15 @@ def test_slurm_launcher_asks_for_one_task_per_gpu_and_requeues(tmp_path):
     assert launcher._target_.endswith("SlurmLauncher")
     assert (launcher.gpus_per_node, launcher.tasks_per_node, launcher.nodes) == (4, 4, 2)
     assert launcher.max_num_timeout > 0 and launcher.signal_delay_s > 0  # requeue on preemption/timeout
+
+
+@pytest.mark.parametrize("preset", sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml")))
+def test_every_experiment_preset_composes_and_checks(compose_cfg, tmp_path, preset):
+    """Each preset also runs for real in the smoke run of the study that uses it (see study.yaml files)."""
+    from ldm.train import check_config
+
+    cfg = compose_cfg([f"experiment={preset}"], tmp_path)
+    OmegaConf.resolve(cfg)
+    check_config(cfg)
+    users = [p.parent.name for p in (ROOT / "experiments").glob("*/*.yaml") if f"experiment: {preset}" in p.read_text()]
+    assert users, f"no study uses experiment={preset}, so no smoke run covers it"
