@@ -17,7 +17,6 @@ import os
 import re
 import statistics
 import sys
-import tempfile
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -229,16 +228,10 @@ def markdown_table(rows: Sequence[Row], metrics: Sequence[str] | None = None, *,
 
 def _atomic(path: Path, write: Callable[[Path], None]) -> None:
     # A reader (or a crash) never sees a half-written report: the old file stays until the new one is whole.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the report from the rest of the group
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    from ldm.io.export import atomic_path
+
+    with atomic_path(path) as tmp:
+        write(tmp)
 
 
 def plot(rows: Sequence[Row], x: str, series: str | None, metrics: Sequence[str], path: Path, title: str,
