@@ -175,6 +175,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     results: dict[str, Any] = {k: float(v) for k, v in trainer.callback_metrics.items()}
     results.update({f"batch/{k}": v for k, v in plan.items()})
+    # Optimizer steps actually taken: a run stopped by trainer.max_time (equal-compute studies) or a
+    # resumed run says here how far it got.
+    results["train/steps"] = int(trainer.global_step)
     results["run_dir"] = str(out)
     results["export"] = str(out / "export")
     if cfg.stage.name == "ldm" and cfg.stage.final_samples.enabled and trainer.is_global_zero:

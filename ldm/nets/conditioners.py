@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -147,16 +148,25 @@ class FrozenTextEncoder(Embedder):
     layer: 'last' hidden state, or 'penultimate' (SD-2.x; for CLIP followed by the final LayerNorm,
         as OpenCLIP/diffusers `clip_skip` do). The unconditional input is the empty caption "".
     The transformer is named `transformer`, as in CompVis' FrozenCLIPEmbedder / FrozenT5Embedder.
+    embedding_cache_size: a frozen encoder maps a caption to the same tokens every time, so up to this
+        many distinct captions keep their embedding (least recently used evicted; 0 = off). Datasets
+        with a few hundred phrasings then run the encoder only on captions not seen before.
     """
 
     output = "context"
 
     def __init__(
         self, pretrained: str, max_length: int = 77, layer: str = "last", freeze: bool = True,
-        input_key: str = "caption", drop_rate: float = 0.1,
+        input_key: str = "caption", drop_rate: float = 0.1, embedding_cache_size: int = 0,
     ):
         super().__init__(input_key, drop_rate)
         import transformers
+
+        if embedding_cache_size < 0:
+            raise ValueError(f"embedding_cache_size must be >= 0, got {embedding_cache_size}.")
+        if embedding_cache_size and not freeze:
+            raise ValueError("embedding_cache_size needs freeze=true: a trained encoder changes its embeddings "
+                             "every step; set embedding_cache_size: 0 to fine-tune the text encoder.")
 
         if layer not in ("last", "penultimate"):
             raise ValueError(f"layer must be 'last' or 'penultimate', got {layer!r}.")
@@ -181,6 +191,11 @@ class FrozenTextEncoder(Embedder):
         if freeze:
             self.transformer.requires_grad_(False)
             self.transformer.eval()
+        self.embedding_cache_size = embedding_cache_size
+        self._memo: OrderedDict[str, torch.Tensor] = OrderedDict()  # caption -> (max_length, D); not state
+        self._memo_context: tuple | None = None
+        # New weights make every cached embedding stale.
+        self.register_load_state_dict_post_hook(lambda module, _keys: module._memo.clear())
 
     def train(self, mode: bool = True) -> FrozenTextEncoder:
         # A frozen encoder stays in eval mode (no dropout) even while the diffusion model trains;
@@ -200,6 +215,27 @@ class FrozenTextEncoder(Embedder):
         return self._embed([""] * batch_size)
 
     def _embed(self, captions: list[str]) -> torch.Tensor:
+        if not self.embedding_cache_size:
+            return self._run_encoder(captions)
+        device = next(self.transformer.parameters()).device
+        # Embeddings made on another device or under another autocast dtype are not reused.
+        context = (device, torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None)
+        if context != self._memo_context:
+            self._memo.clear()
+            self._memo_context = context
+        unseen = [c for c in dict.fromkeys(captions) if c not in self._memo]
+        if unseen:
+            # clone: a row must not keep its whole batch alive once the others are evicted
+            self._memo.update((c, row.clone()) for c, row in zip(unseen, self._run_encoder(unseen).unbind(0)))
+        rows = []
+        for caption in captions:
+            self._memo.move_to_end(caption)
+            rows.append(self._memo[caption])
+        while len(self._memo) > self.embedding_cache_size:  # after the lookup: this batch's rows survive
+            self._memo.popitem(last=False)
+        return torch.stack(rows)  # (B, max_length, D)
+
+    def _run_encoder(self, captions: list[str]) -> torch.Tensor:
         tokens = self.tokenizer(
             captions, padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt"
         )

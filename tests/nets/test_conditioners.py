@@ -203,6 +203,32 @@ def test_padding_does_not_leak_into_bidirectional_encoders(minilm):
         minilm({"caption": "not a list"})
 
 
+def test_embedding_cache_gives_the_same_context_and_runs_the_encoder_only_on_unseen_captions(tmp_path):
+    """Memoised embeddings equal fresh ones; the encoder sees each distinct caption once until it is
+    evicted (LRU, bounded); new weights empty the memo; a trained encoder refuses the memo."""
+    folder = _save_tiny(_tiny_models()["bert"](2), tmp_path / "bert")
+    plain = FrozenTextEncoder(folder, max_length=8).eval()
+    cached = FrozenTextEncoder(folder, max_length=8, embedding_cache_size=3).eval()
+    seen: list[int] = []  # batch size of each encoder call
+    cached.transformer.register_forward_hook(lambda _m, args, kwargs, _out: seen.append(len(kwargs["input_ids"])),
+                                             with_kwargs=True)
+    first = ["a photo of a cat", "the digit seven", "a photo of a cat"]
+    torch.testing.assert_close(cached({"caption": first}), plain({"caption": first}), rtol=0, atol=0)
+    assert seen == [2] and list(cached._memo) == ["the digit seven", "a photo of a cat"]
+
+    second = ["the digit seven", "a red car", "a photo of a cat", "a dog"]  # 4 distinct > 3 kept
+    torch.testing.assert_close(cached({"caption": second}), plain({"caption": second}), rtol=0, atol=0)
+    assert seen == [2, 2]  # only "a red car" and "a dog" were encoded
+    assert list(cached._memo) == ["a red car", "a photo of a cat", "a dog"]  # LRU: "the digit seven" evicted
+    cached({"caption": ["the digit seven"]})
+    assert seen == [2, 2, 1]
+
+    cached.load_state_dict(plain.state_dict())
+    assert not cached._memo
+    with pytest.raises(ValueError, match="freeze=true"):
+        FrozenTextEncoder(folder, freeze=False, embedding_cache_size=8)
+
+
 # ---------------------------------------------------------------------------------------------
 # tiny CLIP / T5 / BERT: model class selection and the penultimate layer
 
