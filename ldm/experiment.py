@@ -22,6 +22,7 @@ import shlex
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -113,11 +114,21 @@ def phase_command(study: dict[str, Any], phase: dict[str, Any], *, base: Path, o
 
 def run_study(name: str, *, smoke: bool = False, base: Path | None = None, out: Path | None = None,
               report_dir: Path | None = None, launcher: str | None = None, jobs: int = 2,
-              extra: list[str] | None = None) -> dict[str, Any]:
-    """Run every phase of the study, then write its report; returns the report's paths and timings."""
+              extra: list[str] | None = None, skip: Sequence[str] = ()) -> dict[str, Any]:
+    """Run every phase of the study, then write its report; returns the report's paths and timings.
+
+    ``skip``: phases whose jobs already finished under ``out`` (an earlier run of the same study, e.g.
+    stopped in a later phase); they are not run again, and their jobs still go into the report.
+    """
     from ldm.report import write_report
 
     study = load_study(name)
+    names = [p["name"] for p in study["phases"]]
+    unknown = sorted(set(skip) - set(names))
+    if unknown:
+        raise StudyError(f"cannot skip {unknown}: the phases of {name} are {names}")
+    if skip and out is None:
+        raise StudyError("skipping phases needs --out: the folder of the earlier run that holds their jobs")
     stamp = dt.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
     # A fresh folder per run: an earlier run's jobs are never overwritten or mixed into this table.
     out = Path(out or ROOT / "outputs" / "experiments" / name / (f"smoke_{stamp}" if smoke else stamp)).resolve()
@@ -130,6 +141,10 @@ def run_study(name: str, *, smoke: bool = False, base: Path | None = None, out: 
     log_path = out / "experiment.log"
     timings = ensure_base(base, smoke, env, log_path) if study.get("base", True) else {}
     for phase in study["phases"]:
+        if phase["name"] in skip:
+            if not (out / phase["name"]).is_dir():
+                raise StudyError(f"cannot skip phase {phase['name']!r}: {out / phase['name']} does not exist")
+            continue
         cmd = phase_command(study, phase, base=base, out=out, smoke=smoke, launcher=launcher, jobs=jobs, extra=extra or [])
         timings[f"phase {phase['name']}"] = run_command(cmd, env, log_path)
     lines = [f"- {what}: {seconds / 60:.1f} min" for what, seconds in timings.items()]
@@ -165,12 +180,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--report-dir", type=Path, help="where results.md/png go (default: experiments/NAME)")
     parser.add_argument("--launcher", choices=["basic", "joblib", "slurm"], default="basic")
     parser.add_argument("--jobs", type=int, default=2, help="parallel jobs with --launcher joblib")
+    parser.add_argument("--skip", nargs="+", default=[], metavar="PHASE",
+                        help="phases already run under --out (their jobs are reported, not rerun)")
     parser.add_argument("extra", nargs="*", help="more Hydra overrides for every phase (after --)")
     args = parser.parse_args(argv)
     try:
         result = run_study(args.name, smoke=args.smoke, base=args.base, out=args.out, report_dir=args.report_dir,
                            launcher=None if args.launcher == "basic" else args.launcher, jobs=args.jobs,
-                           extra=args.extra)
+                           extra=args.extra, skip=args.skip)
     except StudyError as err:
         print(f"ldm-experiment: error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -72,6 +72,12 @@ def test_study_runs_in_smoke_mode_and_writes_its_report(smoke_env, name):
     assert "|" in table and "How this table was made" in table
     assert (out / "report" / "results.png").stat().st_size > 1000
     assert result["timings"]
+    if len(study["phases"]) > 1:  # rerun reusing every finished phase: no job runs, the same table
+        again = run_study(name, smoke=True, base=smoke_env["base"], out=out, report_dir=out / "again",
+                          skip=[p["name"] for p in study["phases"]])
+        assert not any(k.startswith("phase") for k in again["timings"])
+        table_rows = [ln for ln in table.splitlines() if ln.startswith("|")]
+        assert [ln for ln in (out / "again" / "results.md").read_text().splitlines() if ln.startswith("|")] == table_rows
 
 
 def test_unknown_study_names_the_available_ones():
@@ -84,6 +90,15 @@ def test_a_failed_phase_stops_the_study_naming_its_log(smoke_env):
     out = smoke_env["root"] / "failing"
     with pytest.raises(StudyError, match="command failed.*experiment.log"):
         run_study("guidance", smoke=True, base=smoke_env["base"], out=out, extra=["guidance_scale=oops"])
+
+
+def test_skipping_phases_names_the_phases_and_needs_the_earlier_run(tmp_path):
+    with pytest.raises(StudyError, match=r"cannot skip \['vea'\]: the phases of f_factor are \['vae', 'ldm'\]"):
+        run_study("f_factor", smoke=True, out=tmp_path, skip=["vea"])
+    with pytest.raises(StudyError, match="needs --out"):
+        run_study("f_factor", smoke=True, skip=["vae"])
+    with pytest.raises(StudyError, match="cannot skip phase 'vae'.*does not exist"):
+        run_study("f_factor", smoke=True, base=tmp_path / "base", out=tmp_path, skip=["vae", "ldm"])
 
 
 def test_cli_unknown_study_exits_2_with_one_line():
