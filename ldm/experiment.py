@@ -148,6 +148,7 @@ def run_study(name: str, *, smoke: bool = False, base: Path | None = None, out: 
         cmd = phase_command(study, phase, base=base, out=out, smoke=smoke, launcher=launcher, jobs=jobs, extra=extra or [])
         timings[f"phase {phase['name']}"] = run_command(cmd, env, log_path)
     lines = [f"- {what}: {seconds / 60:.1f} min" for what, seconds in timings.items()]
+    lines += [f"- phase {p}: run earlier in the same folder (skipped here)" for p in names if p in skip]
     notes = "\n".join([
         "## How this table was made",
         f"`ldm-experiment {name}{' --smoke' if smoke else ''}` on {dt.date.today().isoformat()}; jobs under `{out}`."
