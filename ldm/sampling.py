@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ldm import distributed
 from ldm.diffusion import samplers as sampler_lib
 from ldm.diffusion.guidance import ClassifierFreeGuidance
 from ldm.io.export import atomic_path, write_text_atomic
@@ -169,6 +170,23 @@ class LatentSampler:
         return torch.cat(out)
 
 
+def sample_sharded(
+    model: LatentSampler, conditions: dict[str, Any], image_size: int, seed: int, **kwargs: Any
+) -> torch.Tensor:
+    """``model.sample`` over all ``conditions``, split across the ranks of a distributed run.
+
+    Each rank draws its contiguous share with the seed ``seed + rank`` and every rank gets the whole set
+    back (N, C, H, W) in the order of ``conditions``; a single process draws everything with ``seed``,
+    exactly as a plain ``sample`` call would. Every rank must call it (it all-gathers).
+    """
+    part = distributed.shard(_batch_size_of(conditions))
+    mine = None
+    if part.stop > part.start:
+        generator = torch.Generator(device=model.device).manual_seed(int(seed) + distributed.rank())
+        mine = model.sample(_slice(conditions, part.start, part.stop), image_size, generator=generator, **kwargs)
+    return torch.cat([images for images in distributed.all_gather_objects(mine) if images is not None])
+
+
 def to_uint8_nhwc(images: torch.Tensor) -> np.ndarray:
     """[-1, 1] (N, C, H, W) -> uint8 (N, H, W, C), rounding as the ADM evaluator expects."""
     x = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
@@ -220,13 +238,13 @@ def final_sample_metrics(images: torch.Tensor, labels: torch.Tensor, names: list
 
 def write_final_samples(module: Any, datamodule: Any, out_dir: str | Path, cfg: Any) -> dict[str, Any]:
     """The embedded default's end: K classes x N samples with the EMA weights, a grid, the npz, and
-    the conditional accuracy judged by a digit classifier trained on real data (when the data has one)."""
+    the conditional accuracy judged by a digit classifier trained on real data (when the data has one).
+
+    Every rank of a distributed run calls it: the samples are drawn in shares across the ranks, rank 0
+    writes and judges them, and every rank returns rank 0's results."""
     from ldm.data.captions import held_out_prompt
-    from ldm.lit.images import save_png, to_uint8_grid
-    from ldm.metrics.classifier import conditional_accuracy, load_or_train_judge
 
     settings = cfg.stage.final_samples
-    out_dir = Path(out_dir)
     sampler = module.sampler()
     num_classes = int(getattr(datamodule, "num_classes", 0) or 0)
     keys = set(module.conditioner.input_keys)
@@ -236,17 +254,30 @@ def write_final_samples(module: Any, datamodule: Any, out_dir: str | Path, cfg: 
     uses_text = "caption" in keys
     conditions = class_conditions(num_classes, int(settings.per_class), held_out_prompt if uses_text else None)
     sampler_cfg = dict(cfg.sampler)
-    seed = int(cfg.seed)
-    generator = torch.Generator(device=sampler.device).manual_seed(seed)
-    print(f"sampling {len(conditions['label'])} images ({sampler_cfg}, cfg scale {settings.guidance_scale})", flush=True)
-    images = sampler.sample(
-        conditions,
-        image_size=int(datamodule.image_size),
-        sampler=sampler_cfg,
-        guidance_scale=float(settings.guidance_scale),
-        generator=generator,
-        batch_size=int(settings.batch_size),
+    if distributed.rank() == 0:
+        print(f"sampling {len(conditions['label'])} images ({sampler_cfg}, cfg scale {settings.guidance_scale}) "
+              f"on {distributed.world_size()} process(es)", flush=True)
+    was_training = sampler.unet.training
+    sampler.unet.eval()
+    try:
+        images = sample_sharded(
+            sampler, conditions, int(datamodule.image_size), int(cfg.seed), sampler=sampler_cfg,
+            guidance_scale=float(settings.guidance_scale), batch_size=int(settings.batch_size),
+        )
+    finally:
+        sampler.unet.train(was_training)
+    return distributed.on_rank_zero(
+        lambda: _save_and_judge(images, conditions, num_classes, Path(out_dir), cfg, ema=module.ema is not None),
+        "writing and judging the final samples",
     )
+
+
+def _save_and_judge(images: torch.Tensor, conditions: dict[str, Any], num_classes: int, out_dir: Path, cfg: Any,
+                    ema: bool) -> dict[str, Any]:
+    from ldm.lit.images import save_png, to_uint8_grid
+    from ldm.metrics.classifier import conditional_accuracy, load_or_train_judge
+
+    settings = cfg.stage.final_samples
     labels = conditions["label"]
     npz = save_samples_npz(out_dir / "samples.npz", images, labels=labels, prompts=conditions.get("caption"))
     # Grid: one row per class, the first 10 samples of each.
@@ -264,13 +295,15 @@ def write_final_samples(module: Any, datamodule: Any, out_dir: str | Path, cfg: 
     write_manifest(
         out_dir / "manifest.json",
         {
-            "sampler": sampler_cfg,
+            "sampler": dict(cfg.sampler),
             "guidance_scale": float(settings.guidance_scale),
-            "seed": seed,
+            "seed": int(cfg.seed),
+            # Rank r of a distributed run drew its contiguous share of the set with seed + r.
+            "world_size": distributed.world_size(),
             "per_class": per_class,
             "num_classes": num_classes,
             "prompts": sorted(set(conditions.get("caption") or [])),
-            "ema": module.ema is not None,
+            "ema": ema,
             "results": results,
         },
     )

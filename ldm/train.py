@@ -180,9 +180,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     results["train/steps"] = int(trainer.global_step)
     results["run_dir"] = str(out)
     results["export"] = str(out / "export")
-    if cfg.stage.name == "ldm" and cfg.stage.final_samples.enabled and trainer.is_global_zero:
+    if cfg.stage.name == "ldm" and cfg.stage.final_samples.enabled:
         from ldm.sampling import write_final_samples
 
+        # Lightning's teardown moved the module to the CPU; every rank samples its share on its device.
+        module.to(trainer.strategy.root_device)
         results.update(write_final_samples(module, datamodule, out / "samples", cfg))
     if trainer.is_global_zero:
         # ldm-report reads every sweep job's numbers from here (and its overrides from .hydra/).

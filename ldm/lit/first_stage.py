@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ldm.config import ConfigError
+from ldm.diffusion.schedules import gaussian_noise
 from ldm.io.export import load_autoencoder
 
 
@@ -71,7 +72,7 @@ class FirstStage(nn.Module):
 
     def scale(self, mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator | None = None):
         if self.sample_posterior:
-            noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+            noise = gaussian_noise(tuple(mean.shape), mean, generator)
             mean = mean + std * noise
         return mean * self.scale_factor
 

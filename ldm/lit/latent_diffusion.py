@@ -7,6 +7,7 @@ objective and samplers (ldm.diffusion), and the EMA (ldm.lit.ema).
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -83,6 +84,7 @@ class LatentDiffusionModule(pl.LightningModule):
         ema: EMAConfig | None = None,
         preview: PreviewConfig | None = None,
         speed: SpeedConfig | None = None,
+        noise_seed: int = 0,
     ) -> None:
         super().__init__()
         check_compatibility(unet, conditioner, first_stage)
@@ -98,6 +100,7 @@ class LatentDiffusionModule(pl.LightningModule):
         self.optimizer_factory = optimizer
         self.scheduler_factory = lr_scheduler
         self.lr = lr
+        self.noise_seed = int(noise_seed)
         # The EMA copy is taken before any compilation, so it stays a plain module.
         self.ema = EMA(unet, ema) if ema is not None else None
         self.preview = preview or PreviewConfig()
@@ -157,8 +160,21 @@ class LatentDiffusionModule(pl.LightningModule):
         per_sample, t = self.objective.loss(LatentSampler.model_fn(unet), z0, cond, generator=generator)
         return per_sample, t
 
+    def noise_generator(self, batch_idx: int) -> torch.Generator:
+        """The generator of one training micro-batch's timesteps, noise, posterior sample, CFG drops and
+        inpainting holes.
+
+        Its seed is a function of (noise_seed, global rank, optimizer step, micro-batch): every rank of a
+        data-parallel run draws its own timesteps and noise (with one shared seed, 32 GPUs would see only
+        one batch's worth of distinct timesteps per step), the same seed and world size give the same run,
+        and a resumed run draws exactly what the straight run drew, with no RNG state to checkpoint.
+        """
+        key = f"{self.noise_seed}:{self.global_rank}:{self.global_step}:{batch_idx}".encode()
+        seed = int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") & ((1 << 63) - 1)
+        return torch.Generator(device=self.device).manual_seed(seed)
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        per_sample, t = self.diffusion_loss(self.unet, batch)
+        per_sample, t = self.diffusion_loss(self.unet, batch, generator=self.noise_generator(batch_idx))
         loss = per_sample.mean()
         batch_size = per_sample.shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
@@ -194,11 +210,12 @@ class LatentDiffusionModule(pl.LightningModule):
         # The same noise and timesteps at every validation, so the curve shows the model, not the draw.
         generator = torch.Generator(device=self.device).manual_seed(10_000 + batch_idx)
         per_sample, _ = self.diffusion_loss(self.sampling_unet(), batch, generator=generator)
-        self.log("val/loss", per_sample.mean(), prog_bar=True, batch_size=per_sample.shape[0])
+        # Synced: the checkpoint monitor must see every rank's share of the validation set, not rank 0's.
+        self.log("val/loss", per_sample.mean(), prog_bar=True, batch_size=per_sample.shape[0], sync_dist=True)
         if self.ema is not None:
             generator.manual_seed(10_000 + batch_idx)
             raw, _ = self.diffusion_loss(self.unet, batch, generator=generator)
-            self.log("val/loss_raw", raw.mean(), batch_size=raw.shape[0])
+            self.log("val/loss_raw", raw.mean(), batch_size=raw.shape[0], sync_dist=True)
 
     @torch.no_grad()
     def log_previews(self) -> None:

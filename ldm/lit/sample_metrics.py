@@ -22,8 +22,9 @@ class SampleMetricsCallback(pl.Callback):
     each class (or ``per_class`` in all for an unconditional model) with the EMA weights and a fixed seed,
     measures ``metrics`` against the reference data, and logs ``val/<metric>`` with ``val/<metric>_n``.
 
-    Generation and measurement run on global rank 0 only; the resulting scalars are broadcast so every
-    rank holds identical ``trainer.callback_metrics`` (checkpoint monitors then agree across ranks).
+    Under data parallelism every rank draws a share of the set (seed + rank), rank 0 measures the gathered
+    set and the scalars are broadcast, so every rank holds identical ``trainer.callback_metrics``
+    (checkpoint monitors then agree across ranks) and no collective runs on a subset of ranks.
     Values go to every logger via ``log_metrics`` at the current step: unlike ``pl_module.log`` in a
     training hook, that neither waits for ``log_every_n_steps`` nor is refused in ``on_train_end``.
 
@@ -99,9 +100,12 @@ class SampleMetricsCallback(pl.Callback):
         return class_conditions(int(num_classes), self.per_class, held_out_prompt if uses_text else None)
 
     def compute(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
-        """Generate the fixed set and measure it: ``{prefix + name: value, prefix + name_n: count, ...}``."""
-        from ldm.metrics import to_uint8_nhwc
-        from ldm.metrics.suite import SampleMetrics, SampleSet, flat_metrics
+        """Generate the fixed set and measure it: ``{prefix + name: value, prefix + name_n: count, ...}``.
+
+        Every rank calls it: the set is drawn in shares across the ranks (``sample_sharded``), rank 0
+        measures it, and every rank returns rank 0's numbers."""
+        from ldm import distributed
+        from ldm.sampling import sample_sharded
 
         if pl_module.image_size is None:
             raise ValueError("the module has no image_size yet: SampleMetricsCallback needs a datamodule with image_size")
@@ -110,14 +114,20 @@ class SampleMetricsCallback(pl.Callback):
         sampler.unet.eval()  # no dropout while sampling, whether or not the EMA copy is used
         try:
             conditions = self.conditions(trainer, pl_module)
-            generator = torch.Generator(device=sampler.device).manual_seed(self.seed)
-            images = sampler.sample(conditions, int(pl_module.image_size), self.sampler_cfg, self.guidance_scale,
-                                    generator, self.batch_size)
+            images = sample_sharded(sampler, conditions, int(pl_module.image_size), self.seed, sampler=self.sampler_cfg,
+                                    guidance_scale=self.guidance_scale, batch_size=self.batch_size)
         finally:
             sampler.unet.train(was_training)
+        return distributed.on_rank_zero(lambda: self._measure_set(images, conditions, trainer.global_step),
+                                        f"SampleMetricsCallback at step {trainer.global_step}")
+
+    def _measure_set(self, images: torch.Tensor, conditions: dict[str, Any], step: int) -> dict[str, float]:
+        from ldm.metrics import to_uint8_nhwc
+        from ldm.metrics.suite import SampleMetrics, SampleSet, flat_metrics
+
         labels = conditions.get("label")
         samples = SampleSet(to_uint8_nhwc(images), None if labels is None else labels.numpy(),
-                            conditions.get("caption"), f"step {trainer.global_step}")
+                            conditions.get("caption"), f"step {step}")
         if self._measure is None:
             self._measure = SampleMetrics(self.eval_cfg, samples.images.shape[1], samples.images.shape[-1])
         results, skipped = self._measure.run(samples, self.metrics)
@@ -129,18 +139,7 @@ class SampleMetricsCallback(pl.Callback):
 
     def measure_and_log(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
         self._last_step = trainer.global_step
-        values: dict[str, Any] | None = None
-        if trainer.is_global_zero:
-            try:
-                values = self.compute(trainer, pl_module)
-            except Exception as err:  # the other ranks wait in broadcast: tell them instead of hanging
-                values = {"error": f"{type(err).__name__}: {err}"}
-                if trainer.world_size == 1:
-                    raise
-        # Rank 0 measured; every rank receives the same scalars (a no-op on a single process).
-        values = trainer.strategy.broadcast(values, src=0)
-        if "error" in values:
-            raise RuntimeError(f"SampleMetricsCallback failed on rank 0 at step {trainer.global_step}: {values['error']}")
+        values = self.compute(trainer, pl_module)  # identical on every rank
         for logger in trainer.loggers:
             logger.log_metrics(values, step=trainer.global_step)
         trainer.callback_metrics.update({k: torch.tensor(v) for k, v in values.items()})

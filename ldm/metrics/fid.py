@@ -187,7 +187,9 @@ def fid_torchmetrics(
     images = to_uint8_nhwc(fake_images)
     if len(images) < 2:
         raise ValueError(f"FID needs at least 2 generated images, got {len(images)}")
-    metric = FrechetInceptionDistance(feature=extractor, reset_real_features=False)
+    # sync_on_compute=False: the set is whole on this process; a sync would all-gather across the ranks of
+    # a distributed run, and hang when only rank 0 measures.
+    metric = FrechetInceptionDistance(feature=extractor, reset_real_features=False, sync_on_compute=False)
     device = next(extractor.parameters()).device
     metric = metric.to(device)
     n = reference.count

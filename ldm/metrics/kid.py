@@ -120,7 +120,8 @@ def kid_torchmetrics(
         # It warns that it buffers all features; that is the point here and the sets are small.
         warnings.simplefilter("ignore", UserWarning)
         metric = KernelInceptionDistance(
-            feature=extractor, subsets=subsets, subset_size=size, reset_real_features=False
+            feature=extractor, subsets=subsets, subset_size=size, reset_real_features=False,
+            sync_on_compute=False,  # the set is whole here: never all-gather (see fid_torchmetrics)
         ).to(device)
     metric.real_features.append(torch.as_tensor(reference_features, dtype=torch.float64, device=device))
     with torch.no_grad(), torch.random.fork_rng(devices=[]):

@@ -236,7 +236,8 @@ class SampleMetrics:
     def inception_score(self, s: SampleSet, splits: int = 10) -> dict[str, Any]:
         from torchmetrics.image.inception import InceptionScore
 
-        metric = InceptionScore(feature=_InceptionLogits(self.cfg.inception_weights), splits=splits).to(device())
+        metric = InceptionScore(feature=_InceptionLogits(self.cfg.inception_weights), splits=splits,
+                                sync_on_compute=False).to(device())
         with torch.no_grad(), torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)  # compute() shuffles before splitting
             for batch in np.array_split(s.images, max(1, len(s.images) // self.batch_size)):
@@ -253,7 +254,7 @@ class SampleMetrics:
         from torchmetrics.multimodal.clip_score import CLIPScore
 
         try:
-            metric = CLIPScore(model_name_or_path=str(self.cfg.clip_model)).to(device())
+            metric = CLIPScore(model_name_or_path=str(self.cfg.clip_model), sync_on_compute=False).to(device())
         except Exception as err:  # missing files, no network: the metric is unavailable, the rest still runs
             raise MetricUnavailable(f"could not load CLIP model {self.cfg.clip_model}: {err}") from err
         with torch.no_grad():

@@ -74,7 +74,9 @@ class Embedder(nn.Module):
         """(B,) bool, True with probability drop_rate per sample while training; all False in eval."""
         if not self.training or self.drop_rate == 0.0:
             return torch.zeros(batch_size, dtype=torch.bool)
-        return torch.rand(batch_size, generator=generator) < self.drop_rate
+        # Drawn on the generator's device: a CUDA generator cannot fill a CPU tensor.
+        device = generator.device if generator is not None else None
+        return torch.rand(batch_size, generator=generator, device=device) < self.drop_rate
 
     def encode(self, inputs: Any, drop: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
