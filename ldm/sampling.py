@@ -179,12 +179,23 @@ def sample_sharded(
     back (N, C, H, W) in the order of ``conditions``; a single process draws everything with ``seed``,
     exactly as a plain ``sample`` call would. Every rank must call it (it all-gathers).
     """
-    part = distributed.shard(_batch_size_of(conditions))
-    mine = None
-    if part.stop > part.start:
-        generator = torch.Generator(device=model.device).manual_seed(int(seed) + distributed.rank())
-        mine = model.sample(_slice(conditions, part.start, part.stop), image_size, generator=generator, **kwargs)
-    return torch.cat([images for images in distributed.all_gather_objects(mine) if images is not None])
+    n, world = _batch_size_of(conditions), distributed.world_size()
+    # Equal shares, the last padded with repeats of the last condition: under FSDP every rank must run the
+    # network as many times as the others (each forward gathers the shards collectively).
+    share = -(-n // world)
+    start = min(distributed.rank() * share, n - 1)
+    mine = _slice(conditions, start, start + share)
+    pad = share - _batch_size_of(mine)
+    if pad:
+        mine = {k: (v if v is None else _concat(v, v[-1:] * pad if isinstance(v, list) else v[-1:].repeat_interleave(pad, 0)))
+                for k, v in mine.items()}
+    generator = torch.Generator(device=model.device).manual_seed(int(seed) + distributed.rank())
+    images = model.sample(mine, image_size, generator=generator, **kwargs)
+    return torch.cat(distributed.all_gather_objects(images))[:n]
+
+
+def _concat(a: Any, b: Any) -> Any:
+    return a + b if isinstance(a, list) else torch.cat([a, b])
 
 
 def to_uint8_nhwc(images: torch.Tensor) -> np.ndarray:

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ldm.lit import sharding
+
 
 @dataclass
 class EMAConfig:
@@ -30,7 +32,8 @@ class EMA(nn.Module):
 
     A submodule of the LightningModule, so its weights and update count are in every checkpoint and a
     resumed run continues the same average. Under DDP the live weights are identical on every rank after
-    the optimizer step, so each rank's copy stays identical without communication.
+    the optimizer step, so each rank's copy stays identical without communication. Under FSDP the copy is
+    sharded like the live model (``LatentDiffusionModule.configure_model``) and each rank averages its shards.
     """
 
     def __init__(self, model: nn.Module, config: EMAConfig) -> None:
@@ -46,10 +49,13 @@ class EMA(nn.Module):
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         decay = self.current_decay()
-        ema_params = list(self.model.parameters())
-        live_params = list(model.parameters())
+        if sharding.is_sharded(self.model):
+            # FSDP: both copies are sharded alike, so each rank averages its own shards, no communication.
+            sharding.reshard(self.model)
+        ema_params = [sharding.local(p) for p in self.model.parameters()]
+        live_params = [sharding.local(p.detach()) for p in model.parameters()]
         # ema <- ema + (1 - decay) * (live - ema), one fused kernel over all tensors.
-        torch._foreach_lerp_(ema_params, [p.detach().to(e.dtype) for p, e in zip(live_params, ema_params)], 1.0 - decay)
+        torch._foreach_lerp_(ema_params, [p.to(e.dtype) for p, e in zip(live_params, ema_params)], 1.0 - decay)
         for ema_buf, buf in zip(self.model.buffers(), model.buffers()):
             ema_buf.copy_(buf)
         self.num_updates += 1

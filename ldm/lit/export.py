@@ -104,6 +104,7 @@ class LatentDiffusionExport(pl.Callback):
         }
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        tensors = pl_module.export_tensors()  # every rank: under FSDP this gathers the shards
         if not trainer.is_global_zero:
             return
         meta = {
@@ -112,5 +113,5 @@ class LatentDiffusionExport(pl.Callback):
             "global_step": int(trainer.global_step),
             "first_stage_export": str(self.cfg.first_stage.path),
         }
-        save_export(self.folder, pl_module.export_tensors(), self.export_config(pl_module), meta)
+        save_export(self.folder, tensors, self.export_config(pl_module), meta)
         print(f"latent diffusion export: {self.folder}", flush=True)

@@ -17,11 +17,12 @@ from torch import nn
 
 from ldm.config import ConfigError
 from ldm.diffusion.objective import DiffusionObjective
+from ldm.lit import sharding
 from ldm.lit.ema import EMA, EMAConfig
 from ldm.lit.first_stage import FirstStage
 from ldm.lit.images import log_image_grid
 from ldm.lit.inpainting import INPAINT_KEY, inpaint_condition, random_box_masks
-from ldm.sampling import LatentSampler
+from ldm.sampling import LatentSampler, sample_sharded
 
 # Training loss is also logged per quarter of the timestep range: where a model is weak shows there.
 NUM_LOSS_BUCKETS = 4
@@ -49,12 +50,15 @@ class SpeedConfig:
     channels_last: NHWC memory format for the UNet's convolutions (faster on tensor cores and oneDNN).
     vae_chunk_size: the frozen first stage encodes/decodes at most this many images at a time, which
         bounds its activation memory for large batches; null = the whole batch at once.
+    fsdp_units: under FSDP, the UNet submodules (by class name) sharded as one unit each: one all-gather
+        of their weights in forward, one reduce-scatter of their gradients in backward.
     """
 
     compile_unet: bool = False
     compile_mode: str = "default"
     channels_last: bool = False
     vae_chunk_size: int | None = None
+    fsdp_units: tuple[str, ...] = ("ResBlock", "SpatialTransformer")
 
 
 def check_compatibility(unet: nn.Module, conditioner: nn.Module, first_stage: FirstStage) -> None:
@@ -121,16 +125,24 @@ class LatentDiffusionModule(pl.LightningModule):
         )
 
     # --- training ---------------------------------------------------------------------------------
-    def on_fit_start(self) -> None:
-        from lightning.pytorch.strategies import FSDPStrategy
-
-        # FSDP shards and flattens the live parameters; the EMA copy is unsharded, so pairing them
-        # parameter by parameter would average the wrong tensors without any error.
-        if self.ema is not None and isinstance(self.trainer.strategy, FSDPStrategy):
-            raise ConfigError(
-                "EMA is not supported under trainer=fsdp (the EMA copy would be averaged against sharded "
-                "weights): set stage.module.ema=null, or use trainer=ddp when the model fits one device"
-            )
+    def configure_model(self) -> None:
+        """FSDP (trainer=fsdp / fsdp_sim, Lightning's ModelParallelStrategy): shard the UNet, its EMA copy
+        (alike, so the average is taken shard by shard) and the conditioner's learned parts over the
+        data-parallel mesh. Nothing to do under other strategies."""
+        mesh = self.device_mesh
+        if mesh is None or sharding.is_sharded(self.unet):
+            return
+        if "tensor_parallel" in mesh.mesh_dim_names and mesh["tensor_parallel"].size() > 1:
+            raise ConfigError("tensor parallelism is not implemented: set trainer.strategy.tensor_parallel_size=1")
+        data_parallel = mesh["data_parallel"]
+        units = self.speed.fsdp_units
+        sharding.shard_module(self.unet, data_parallel, units)
+        if self.ema is not None:
+            sharding.shard_module(self.ema.model, data_parallel, units)
+        # Learned conditioning (class embeddings) must be sharded too: FSDP reduces only its own gradients.
+        for embedder in getattr(self.conditioner, "embedders", [self.conditioner]):
+            if any(p.requires_grad for p in embedder.parameters()):
+                sharding.shard_module(embedder, data_parallel, ())
 
     def setup(self, stage: str) -> None:
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
@@ -219,20 +231,16 @@ class LatentDiffusionModule(pl.LightningModule):
 
     @torch.no_grad()
     def log_previews(self) -> None:
-        if self.image_size is None or not self.trainer.is_global_zero:
+        """Every rank draws a share of the grid (under FSDP each forward is collective); rank 0 logs it."""
+        if self.image_size is None:
             return
         sampler = self.sampler()
         conditions, nrow = sampler.preview_conditions(self.preview.per_class, self.preview.prompts)
         for scale in self.preview.guidance_scales:
-            generator = torch.Generator(device=self.device).manual_seed(self.preview.seed)
-            images = sampler.sample(
-                conditions,
-                image_size=self.image_size,
-                sampler=self.preview.sampler,
-                guidance_scale=scale,
-                generator=generator,
-            )
-            log_image_grid(self.trainer, f"samples_cfg{scale:g}", images, nrow=nrow)
+            images = sample_sharded(sampler, conditions, self.image_size, self.preview.seed,
+                                    sampler=self.preview.sampler, guidance_scale=scale)
+            if self.trainer.is_global_zero:
+                log_image_grid(self.trainer, f"samples_cfg{scale:g}", images, nrow=nrow)
 
     # --- optimisation ----------------------------------------------------------------------------
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -249,11 +257,13 @@ class LatentDiffusionModule(pl.LightningModule):
 
     # --- export -------------------------------------------------------------------------------------
     def export_tensors(self) -> dict[str, torch.Tensor]:
-        """CompVis single-file layout: the EMA UNet is the model (as SD checkpoints ship it)."""
-        tensors = {f"model.diffusion_model.{k}": v for k, v in self.sampling_unet().state_dict().items()}
+        """CompVis single-file layout: the EMA UNet is the model (as SD checkpoints ship it). Collective
+        under FSDP (the shards are gathered): every rank must call it."""
+        tensors = {f"model.diffusion_model.{k}": v for k, v in sharding.full_state_dict(self.sampling_unet()).items()}
         # Frozen pretrained encoders are referenced by their config, not copied: only learned parts ship.
         learned = {n for n, p in self.conditioner.named_parameters() if p.requires_grad}
-        tensors.update({f"cond_stage_model.{k}": v for k, v in self.conditioner.state_dict().items() if k in learned})
+        conditioner = sharding.full_state_dict(self.conditioner)
+        tensors.update({f"cond_stage_model.{k}": v for k, v in conditioner.items() if k in learned})
         tensors.update({f"first_stage_model.{k}": v for k, v in self.first_stage.autoencoder.state_dict().items()})
         tensors["scale_factor"] = self.first_stage.scale_factor.detach().clone()
         return tensors
