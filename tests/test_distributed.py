@@ -95,14 +95,21 @@ def ldm_overrides(stage1_export: Path, out: Path, *extra: str) -> list[str]:
             "+callbacks.recorder._target_=test_distributed.RankRecorder", f"+callbacks.recorder.folder={out}", *extra]
 
 
-@pytest.mark.timeout(600)
-def test_ddp_two_processes_with_metrics_and_final_samples(stage1_export, tmp_path):
+@pytest.fixture(scope="module")
+def ddp_runs(stage1_export, tmp_path_factory) -> list[Path]:
+    """Two identical DDP runs (2 gloo processes, same seed)."""
+    runs = [tmp_path_factory.mktemp("ddp_a"), tmp_path_factory.mktemp("ddp_b")]
+    for out in runs:
+        run_train(ldm_overrides(stage1_export, out, "trainer=ddp_sim", *SAMPLING), timeout=400)
+    return runs
+
+
+@pytest.mark.timeout(900)
+def test_ddp_two_processes_with_metrics_and_final_samples(ddp_runs):
     """The default-run multi-process test: DDP over 2 gloo processes finishes (no hang in the metrics'
     or final samples' collectives), keeps the ranks' weights identical, draws different timesteps on each
     rank, gives every rank the same metric values, and repeats itself bit for bit."""
-    runs = [tmp_path / "a", tmp_path / "b"]
-    for out in runs:
-        run_train(ldm_overrides(stage1_export, out, "trainer=ddp_sim", *SAMPLING), timeout=400)
+    runs = ddp_runs
     first, second = recorded(runs[0]), recorded(runs[1])
     for ranks in (first, second):
         assert [r["world_size"] for r in ranks] == [2, 2] and [r["global_step"] for r in ranks] == [4, 4]
@@ -136,12 +143,11 @@ def export_tensors(run: Path) -> dict[str, torch.Tensor]:
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_fsdp_two_processes_match_ddp_with_ema_previews_and_final_samples(stage1_export, tmp_path):
+def test_fsdp_two_processes_match_ddp_with_ema_previews_and_final_samples(stage1_export, ddp_runs, tmp_path):
     """FSDP2 (trainer=fsdp_sim: ModelParallelStrategy + fully_shard on 2 gloo processes) with EMA,
     previews, metrics and final samples on: it finishes, and its export (EMA gathered from the shards)
     equals the DDP export after the same steps within float tolerance."""
-    ddp, fsdp = tmp_path / "ddp", tmp_path / "fsdp"
-    run_train(ldm_overrides(stage1_export, ddp, "trainer=ddp_sim", *SAMPLING), timeout=400)
+    ddp, fsdp = ddp_runs[0], tmp_path / "fsdp"
     run_train(ldm_overrides(stage1_export, fsdp, "trainer=fsdp_sim", *SAMPLING), timeout=400)
     ranks = recorded(fsdp)
     assert [r["global_step"] for r in ranks] == [4, 4]
@@ -154,3 +160,38 @@ def test_fsdp_two_processes_match_ddp_with_ema_previews_and_final_samples(stage1
         torch.testing.assert_close(fsdp_tensors[key], value, rtol=1e-4, atol=1e-5, msg=key)
     # ... yet the EMA was averaged, not copied from the live weights.
     assert json.loads((fsdp / "results.json").read_text())["accuracy_n"] == 30
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_two_simulated_nodes_train_exactly_as_one_node_with_two_processes(stage1_export, ddp_runs, tmp_path):
+    """2 nodes x 1 process on localhost (Lightning's num_nodes with NODE_RANK / MASTER_ADDR / MASTER_PORT, one
+    launch per node as on a cluster without SLURM): the same global ranks as 1 node x 2 processes, so the
+    same data, noise and gradients, hence the same export, bit for bit."""
+    overrides = ldm_overrides(stage1_export, tmp_path, "trainer=ddp_sim", "trainer.devices=1", "trainer.num_nodes=2",
+                              *SAMPLING)
+    base = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=f"{TESTS}{os.pathsep}{REPO}", MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=str(free_port()))
+    nodes = [subprocess.Popen([sys.executable, "-m", "ldm.train", *overrides], cwd=REPO, env={**base, "NODE_RANK": str(r)},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
+    try:
+        outputs = [node.communicate(timeout=500)[0] for node in nodes]
+    finally:
+        for node in nodes:
+            node.kill()
+    assert [node.returncode for node in nodes] == [0, 0], "\n".join(o[-4000:] for o in outputs)
+    ranks = recorded(tmp_path)
+    assert [r["world_size"] for r in ranks] == [2, 2]
+    assert [r["timesteps"] for r in ranks] == [r["timesteps"] for r in recorded(ddp_runs[0])]
+    one_node, two_nodes = export_tensors(ddp_runs[0]), export_tensors(tmp_path)
+    assert one_node.keys() == two_nodes.keys()
+    assert all(torch.equal(one_node[k], two_nodes[k]) for k in one_node)
+    assert json.loads((tmp_path / "results.json").read_text())["accuracy_n"] == 30
