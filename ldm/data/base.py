@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 SampleKey = int | tuple[int, int]
 CaptionFn = Callable[[int, np.random.Generator], str]
@@ -72,20 +72,28 @@ def collate_examples(examples: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return batch
 
 
-class EpochShuffleSampler(Sampler[tuple[int, int]]):
+class EpochShuffleSampler(DistributedSampler):
     """Shuffles with a generator seeded by ``(seed, epoch)`` and yields ``(index, epoch)`` keys.
 
     Lightning calls :meth:`set_epoch` before every training epoch (also on resume), so the order and
     every per-sample random choice depend only on the seed and the epoch. Outside Lightning the epoch
     advances by itself after each full pass so plain loops do not replay the same order forever.
+
+    Data parallel: rank ``r`` of ``num_replicas`` takes positions ``r, r + num_replicas, ...`` of the epoch's
+    one global order (the tail that does not fill a round is dropped), so the ranks see disjoint samples and
+    a position within a rank's share maps back to a position in the global order. It is a
+    ``DistributedSampler`` so that Lightning leaves it in place instead of wrapping it in one of its own,
+    whose position a checkpoint could not record.
     """
 
-    def __init__(self, num_samples: int, seed: int, shuffle: bool = True) -> None:
+    def __init__(self, num_samples: int, seed: int, shuffle: bool = True, num_replicas: int = 1, rank: int = 0) -> None:
         if num_samples <= 0:
             raise ValueError(f"EpochShuffleSampler needs at least one sample, got num_samples={num_samples}")
-        self.num_samples = num_samples
-        self.seed = seed
-        self.shuffle = shuffle
+        if num_samples < num_replicas:
+            raise ValueError(f"{num_samples} samples cannot be shared by {num_replicas} ranks")
+        super().__init__(range(num_samples), num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed,
+                         drop_last=True)
+        self.num_samples_total = num_samples
         self.epoch = 0
         self._resume: tuple[int, int] | None = None
         # (epoch, first position) of the pass most recently begun; what a checkpoint records.
@@ -95,18 +103,19 @@ class EpochShuffleSampler(Sampler[tuple[int, int]]):
         self.epoch = int(epoch)
 
     def resume_at(self, epoch: int, start: int) -> None:
-        """Begin the next pass over ``epoch`` at its ``start``-th sample (a mid-epoch resume).
+        """Begin the next pass over ``epoch`` at its ``start``-th sample of this rank's share (a mid-epoch
+        resume).
 
         Only the pass over that very epoch is shortened, so a later ``set_epoch`` to another epoch (the
         checkpoint was taken at an epoch's end) starts that one from its beginning.
         """
-        if not 0 <= start <= self.num_samples:
-            raise ValueError(f"resume position {start} is outside this epoch of {self.num_samples} samples")
+        if not 0 <= start <= len(self):
+            raise ValueError(f"resume position {start} is outside this epoch of {len(self)} samples")
         self.epoch = int(epoch)
         self._resume = (int(epoch), int(start))
 
     def __len__(self) -> int:
-        return self.num_samples
+        return self.num_samples_total // self.num_replicas
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         epoch = self.epoch
@@ -118,11 +127,21 @@ class EpochShuffleSampler(Sampler[tuple[int, int]]):
         self.last_pass = (epoch, start)
         if self.shuffle:
             generator = torch.Generator().manual_seed(sample_seed(self.seed, epoch, -1))
-            order = torch.randperm(self.num_samples, generator=generator).tolist()
+            order = torch.randperm(self.num_samples_total, generator=generator).tolist()
         else:
-            order = range(self.num_samples)
-        for index in order[start:]:
+            order = list(range(self.num_samples_total))
+        mine = order[self.rank : len(self) * self.num_replicas : self.num_replicas]
+        for index in mine[start:]:
             yield index, epoch
+
+
+def data_parallel_share(datamodule: Any) -> dict[str, int]:
+    """``{num_replicas, rank}`` of the data-parallel run a DataModule is attached to (1 and 0 alone)."""
+    trainer = getattr(datamodule, "trainer", None)
+    if trainer is None or trainer.world_size <= 1:
+        return {"num_replicas": 1, "rank": 0}
+    kwargs = trainer.strategy.distributed_sampler_kwargs or {}
+    return {"num_replicas": int(kwargs.get("num_replicas", 1)), "rank": int(kwargs.get("rank", 0))}
 
 
 class ResumableDataLoader(DataLoader):
@@ -158,14 +177,16 @@ class ResumableDataLoader(DataLoader):
 
     def state_dict(self) -> dict[str, Any]:
         if not isinstance(self.sampler, EpochShuffleSampler):
-            # Lightning swaps in a distributed sampler under DDP; its position is not tracked here.
             return {"resumable": False}
         epoch, start = self._pass
+        # Every rank has consumed as many batches as the others: rank 0's state (the one Lightning saves)
+        # is every rank's. Positions count within a rank's share.
         state = {
             "resumable": True,
             "epoch": epoch,
             "samples_consumed": start + self._batches_yielded * int(self.batch_size or 1),
-            "num_samples": len(self.sampler),
+            "num_samples": self.sampler.num_samples_total,
+            "num_replicas": self.sampler.num_replicas,
         }
         if self._generator_state is not None:
             state["generator_state"] = self._generator_state
@@ -178,13 +199,23 @@ class ResumableDataLoader(DataLoader):
                 stacklevel=2,
             )
             return
-        if int(state["num_samples"]) != len(self.sampler):
+        if int(state["num_samples"]) != self.sampler.num_samples_total:
             raise ValueError(
                 f"the checkpoint was written with {state['num_samples']} training samples, this run has "
-                f"{len(self.sampler)}: the data changed, so its order cannot be continued; resume with the "
-                "same data, or start a new run from the exported weights"
+                f"{self.sampler.num_samples_total}: the data changed, so its order cannot be continued; resume "
+                "with the same data, or start a new run from the exported weights"
             )
         epoch, consumed = int(state["epoch"]), int(state["samples_consumed"])
+        saved_replicas = int(state.get("num_replicas", 1))
+        if saved_replicas != self.sampler.num_replicas:
+            # The first consumed x saved_replicas samples of the global order were seen; continue after them.
+            # Exact only when that count divides by the new world size (else a few samples repeat).
+            consumed = consumed * saved_replicas // self.sampler.num_replicas
+            warnings.warn(
+                f"resuming a run of {saved_replicas} data-parallel ranks on {self.sampler.num_replicas}: the epoch "
+                "continues at the same point of its order, but the noise of each rank differs from the straight run",
+                stacklevel=2,
+            )
         remaining = len(self.sampler) - consumed
         if remaining <= 0 or (self.drop_last and remaining < int(self.batch_size or 1)):
             epoch, consumed = epoch + 1, 0  # that epoch had no batch left
@@ -335,9 +366,8 @@ class ImageDataModule(LightningDataModule):
                 f"the training split has {len(dataset)} samples, fewer than batch_size={self.batch_size}, "
                 "so drop_last would leave no batches; lower data.batch_size or add data"
             )
-        return self._make_loader(
-            dataset, sampler=EpochShuffleSampler(len(dataset), self.seed), drop_last=True, resumable=True
-        )
+        sampler = EpochShuffleSampler(len(dataset), self.seed, **data_parallel_share(self))
+        return self._make_loader(dataset, sampler=sampler, drop_last=True, resumable=True)
 
     def val_dataloader(self) -> DataLoader | list:
         if self.train_dataset is not None and (self.val_dataset is None or len(self.val_dataset) == 0):

@@ -18,7 +18,7 @@ from lightning.pytorch import LightningDataModule
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader, Dataset
 
-from ldm.data.base import EpochShuffleSampler, ResumableDataLoader, sample_rng
+from ldm.data.base import EpochShuffleSampler, ResumableDataLoader, data_parallel_share, sample_rng
 from ldm.io.export import save_tensors_atomic, write_text_atomic
 
 CACHE_VERSION = 1
@@ -158,7 +158,7 @@ class LatentCacheDataModule(LightningDataModule):
         return ResumableDataLoader(
             self.train_dataset,
             batch_size=batch_size,
-            sampler=EpochShuffleSampler(len(self.train_dataset), int(self.seed or 0)),
+            sampler=EpochShuffleSampler(len(self.train_dataset), int(self.seed or 0), **data_parallel_share(self)),
             collate_fn=collate_latents,
             drop_last=True,
         )

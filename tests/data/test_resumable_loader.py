@@ -99,3 +99,33 @@ def _epoch(epoch: int) -> list[tuple[int, int]]:
     sampler = EpochShuffleSampler(10, seed=3)
     sampler.set_epoch(epoch)
     return list(sampler)
+
+
+def test_ranks_share_one_global_order_disjointly_and_a_resume_continues_each_share():
+    """Data parallel: rank r takes positions r, r+W, ... of the epoch's global order, so shares are disjoint
+    and together the order's first len x W samples; a mid-epoch state continues every rank's share."""
+    order = [key for key in EpochShuffleSampler(10, seed=3)]  # one process, epoch 0
+    shares = [list(EpochShuffleSampler(10, seed=3, num_replicas=3, rank=r)) for r in range(3)]
+    assert [len(s) for s in shares] == [3, 3, 3]
+    assert [key for round_ in zip(*shares) for key in round_] == order[:9]
+
+    def rank_loader(rank: int, replicas: int = 2) -> ResumableDataLoader:
+        sampler = EpochShuffleSampler(10, seed=3, num_replicas=replicas, rank=rank)
+        return ResumableDataLoader(Keys(), sampler=sampler, batch_size=2, drop_last=True, collate_fn=collate_examples)
+
+    for rank in (0, 1):
+        straight = batches(rank_loader(rank), epoch=0)
+        stopped = rank_loader(rank)
+        assert batches(stopped, epoch=0, limit=1) == straight[:1]
+        state = stopped.state_dict()
+        assert state["num_replicas"] == 2 and state["samples_consumed"] == 2
+        resumed = rank_loader(rank)
+        resumed.load_state_dict(state)
+        assert batches(resumed, epoch=0) == straight[1:]
+    # A different world size continues at the same point of the global order (2 ranks x 2 = 4 seen).
+    state = {**state, "samples_consumed": 2}
+    single = ResumableDataLoader(Keys(), sampler=EpochShuffleSampler(10, seed=3), batch_size=2, drop_last=True,
+                                 collate_fn=collate_examples)
+    with pytest.warns(UserWarning, match="data-parallel ranks"):
+        single.load_state_dict(state)
+    assert [key for batch in batches(single, epoch=0) for key in batch] == order[4:]
