@@ -7,6 +7,7 @@ import difflib
 import inspect
 import os
 import sys
+from datetime import datetime
 from typing import Any
 
 from hydra.errors import InstantiationException
@@ -51,6 +52,39 @@ def flat_numbers(results: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in results.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
+def run_name(name: Any = None) -> str:
+    """The run folder's name: ``run_name`` if set; else one that every rank of a cluster job computes alike
+    (each rank composes its config itself, so a timestamp would scatter them over several folders) and that
+    a requeued job finds again: ``slurm-<job id>`` under SLURM, ``torchrun-<rdzv id>`` under torchrun with
+    ``--rdzv-id``; else the start time."""
+    if name not in (None, ""):
+        return str(name)
+    array_job, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    if array_job and task:
+        return f"slurm-{array_job}_{task}"
+    if os.environ.get("SLURM_JOB_ID"):
+        return f"slurm-{os.environ['SLURM_JOB_ID']}"
+    rdzv = os.environ.get("TORCHELASTIC_RUN_ID", "none")
+    if rdzv not in ("", "none"):
+        return f"torchrun-{rdzv}"
+    return datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+
+
+def tasks_per_node(devices: Any) -> int:
+    """SLURM tasks per node for one process per device: ``trainer.devices``, which must be a count here
+    (-1 or "auto" mean "every visible GPU", which the submitting machine cannot know)."""
+    try:
+        count = int(devices)
+    except (TypeError, ValueError):
+        count = -1
+    if count < 1:
+        raise ConfigError(
+            f"hydra/launcher=slurm starts one task per device but trainer.devices={devices}: set "
+            "trainer.devices=<GPUs per node> (e.g. trainer.devices=8)"
+        )
+    return count
+
+
 def register_resolvers() -> None:
     """Resolvers the configs use; idempotent so tests and entry points can both call it."""
     resolvers = {
@@ -58,6 +92,8 @@ def register_resolvers() -> None:
         "ldm.export_latent_channels": _export_latent_channels,
         # e.g. UNet in_channels = latent channels + concat-conditioning channels.
         "ldm.add": lambda *xs: sum(int(x) for x in xs),
+        "ldm.run_name": run_name,
+        "ldm.tasks_per_node": tasks_per_node,
     }
     for name, fn in resolvers.items():
         if not OmegaConf.has_resolver(name):

@@ -240,3 +240,62 @@ def test_ddp_run_killed_mid_epoch_resumes_bit_for_bit(stage1_export, tmp_path):
     different = [k for k in a if not torch.equal(a[k], b[k])]
     assert not different, f"{len(different)} tensors differ after the resume at step {step_at_kill}, e.g. {different[:5]}"
     assert recorded(killed)[0]["global_step"] == 8
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_slurm_requeue_signal_checkpoints_every_rank_requeues_and_the_requeued_job_resumes(stage1_export, tmp_path):
+    """Two processes started as srun would start them (SLURM_PROCID etc.; only `scontrol` is a stub). The
+    SIGUSR2 that submitit asks SLURM to send before the time limit makes both ranks stop at the same step
+    boundary with last.ckpt written and exit 143; rank 0 requeues the job once. Without run_name, both ranks
+    and the requeued job use one folder named after the job id, where ckpt_path=last resumes."""
+    import signal
+    import time
+
+    stub = tmp_path / "bin"
+    stub.mkdir()
+    calls = tmp_path / "scontrol.log"
+    (stub / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
+    (stub / "scontrol").chmod(0o755)
+    slurm = {"SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "2", "SLURM_NNODES": "1", "SLURM_NODEID": "0",
+             "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "ldm-test", "SLURM_NODELIST": "localhost",
+             "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "LDM_ROOT": str(tmp_path),
+             "PATH": f"{stub}{os.pathsep}{os.environ['PATH']}", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+             "PYTHONPATH": f"{TESTS}{os.pathsep}{REPO}"}
+    overrides = ["stage=ldm", f"first_stage.path={stage1_export}", *FAST, "trainer=ddp_sim", "stage.max_steps=100000",
+                 "stage.val_check_interval=2", "stage.final_samples.enabled=false", "stage.module.preview.every_n_steps=0"]
+
+    def launch(*extra: str) -> list[subprocess.Popen]:
+        return [subprocess.Popen([sys.executable, "-m", "ldm.train", *overrides, *extra], cwd=REPO, text=True,
+                                 env={**os.environ, **slurm, "SLURM_PROCID": str(r), "SLURM_LOCALID": str(r)},
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for r in (0, 1)]
+
+    def finish(ranks: list[subprocess.Popen]) -> list[str]:
+        try:
+            return [p.communicate(timeout=400)[0] for p in ranks]
+        finally:
+            for p in ranks:
+                p.kill()
+
+    run = tmp_path / "outputs" / "ldm" / "slurm-4242"
+    last = run / "checkpoints" / "last.ckpt"
+    ranks = launch()
+    deadline = time.monotonic() + 300
+    while not last.exists() and all(p.poll() is None for p in ranks) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for p in ranks:
+        p.send_signal(signal.SIGUSR2)
+    outputs = finish(ranks)
+    assert [p.returncode for p in ranks] == [143, 143], "\n".join(o[-3000:] for o in outputs)
+    assert "Requeued SLURM job 4242" in outputs[0]
+    assert calls.read_text().splitlines() == ["requeue 4242"]
+    assert [d.name for d in (tmp_path / "outputs" / "ldm").iterdir()] == ["slurm-4242"]
+    step = torch.load(last, map_location="cpu", weights_only=True)["global_step"]
+    assert step >= 2
+
+    # The requeued job: same job id, same folder, continues from last.ckpt.
+    slurm["MASTER_PORT"] = str(free_port())
+    resumed = launch("ckpt_path=last", f"trainer.max_steps={step + 2}")
+    outputs = finish(resumed)
+    assert [p.returncode for p in resumed] == [0, 0], "\n".join(o[-3000:] for o in outputs)
+    assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == step + 2

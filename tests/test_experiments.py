@@ -164,6 +164,30 @@ def test_slurm_launcher_asks_for_one_task_per_gpu_and_requeues(tmp_path):
     assert launcher._target_.endswith("SlurmLauncher")
     assert (launcher.gpus_per_node, launcher.tasks_per_node, launcher.nodes) == (4, 4, 2)
     assert launcher.max_num_timeout > 0 and launcher.signal_delay_s > 0  # requeue on preemption/timeout
+    # trainer=ddp means every visible GPU (devices=-1), which the submitting machine cannot count: refused.
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=["hydra/launcher=slurm", "trainer=ddp", f"paths.output_dir={tmp_path}"],
+                      return_hydra_config=True)
+    with pytest.raises(Exception, match="trainer.devices=<GPUs per node>"):
+        OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
+
+
+def test_run_folder_is_shared_by_every_rank_of_a_cluster_job(monkeypatch):
+    """Each rank composes its own config: the folder name must not depend on when it did."""
+    from ldm.config import run_name
+
+    for key in ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "TORCHELASTIC_RUN_ID"):
+        monkeypatch.delenv(key, raising=False)
+    assert run_name("exp1") == "exp1"
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")  # torchrun without --rdzv-id
+    assert run_name(None)[:2] == "20"  # the start time
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "abc")
+    assert run_name(None) == "torchrun-abc"
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    assert run_name(None) == "slurm-77" and run_name("exp1") == "exp1"
+    monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "70")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "3")
+    assert run_name(None) == "slurm-70_3"
 
 
 @pytest.mark.parametrize("preset", sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml")))

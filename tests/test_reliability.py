@@ -152,21 +152,22 @@ def test_run_name_gives_a_stable_run_folder_to_resume_in():
     assert Path(cfg.hydra.run.dir).parts[-3:] == ("outputs", "ldm", "exp1")
 
 
-def test_sigusr1_is_routed_to_sigterm_outside_slurm_and_left_to_lightning_under_slurm(monkeypatch, tmp_path):
+def test_requeue_signals_are_noted_for_the_next_step_boundary_and_handlers_restored(monkeypatch, tmp_path):
     from ldm.lit.reliability import ResumeCheckpoint
 
-    before = signal.getsignal(signal.SIGUSR1)
+    before = {s: signal.getsignal(s) for s in (signal.SIGUSR1, signal.SIGUSR2)}
     callback = ResumeCheckpoint(str(tmp_path))
-    for key in [k for k in os.environ if k.startswith("SLURM_")]:
-        monkeypatch.delenv(key)
+    monkeypatch.setenv("SLURM_NTASKS", "1")  # the same under SLURM: Lightning's mid-step SLURM handler is replaced
     callback.on_fit_start(None, None)
-    assert signal.getsignal(signal.SIGUSR1) == callback._on_sigusr1
+    for signum in (signal.SIGUSR1, signal.SIGUSR2):
+        assert signal.getsignal(signum) == callback._on_requeue_signal
+    os.kill(os.getpid(), signal.SIGUSR2)
+    assert callback._requested == signal.SIGUSR2  # only noted: nothing is written from inside the handler
+    assert not any(tmp_path.iterdir())
     callback.teardown(None, None, "fit")
-    assert signal.getsignal(signal.SIGUSR1) == before
-    monkeypatch.setenv("SLURM_NTASKS", "1")
-    monkeypatch.setenv("SLURM_JOB_NAME", "train")
-    callback.on_fit_start(None, None)
-    assert signal.getsignal(signal.SIGUSR1) == before  # Lightning's SLURM environment requeues on it
+    assert {s: signal.getsignal(s) for s in before} == before
+    with pytest.raises(ValueError, match="SIGNOPE"):
+        ResumeCheckpoint(str(tmp_path), requeue_signals=["SIGNOPE"])
 
 
 # --- checkpoints under faults -----------------------------------------------------------------------------

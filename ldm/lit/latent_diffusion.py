@@ -109,6 +109,7 @@ class LatentDiffusionModule(pl.LightningModule):
         self.ema = EMA(unet, ema) if ema is not None else None
         self.preview = preview or PreviewConfig()
         self.image_size: int | None = None
+        self._preview_step = -1
         if self.speed.compile_unet:
             self.unet.compile(mode=self.speed.compile_mode)
 
@@ -201,21 +202,19 @@ class LatentDiffusionModule(pl.LightningModule):
             if mask.any():
                 self.log(f"train/loss_t{b}", per_sample[mask].mean(), batch_size=int(mask.sum()))
 
-    def on_train_start(self) -> None:
-        self._last_stepped = self.global_step
-
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        # With gradient accumulation this hook runs after every micro-batch, but the weights only
-        # change when the optimizer steps: average once per optimizer step, or the decay is off by k.
-        if self.global_step == getattr(self, "_last_stepped", -1):
-            return
-        self._last_stepped = self.global_step
-        # A step whose gradients were dropped (ldm.lit.reliability.NonFiniteGuard sets them to None) left the
-        # weights alone, so the EMA must not count it either.
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # Averaged here, once per optimizer step (not per accumulated micro-batch), and before any callback's
+        # on_train_batch_end: a checkpoint a callback writes there (ResumeCheckpoint on a requeue signal)
+        # must hold this step's average. A step whose gradients were dropped (NonFiniteGuard sets them to
+        # None) left the weights alone, so the EMA must not count it either.
         if self.ema is not None and any(p.grad is not None for p in self.unet.parameters()):
             self.ema.update(self.unet)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         every = self.preview.every_n_steps
-        if every and self.global_step % every == 0 and self.global_step > 0:
+        if every and self.global_step % every == 0 and self.global_step > 0 and self._preview_step != self.global_step:
+            self._preview_step = self.global_step  # once per optimizer step under gradient accumulation
             self.log_previews()
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:

@@ -12,14 +12,15 @@ import logging
 import math
 import os
 import random
+import re
 import signal
+import subprocess
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 log = logging.getLogger("ldm.reliability")
@@ -95,20 +96,31 @@ class ResumeCheckpoint(pl.Callback):
     """Keeps ``<dirpath>/last.ckpt`` current at the two moments ModelCheckpoint (which saves at validation)
     misses: a preemption signal, and the end of training between two validations.
 
-    Preemption: on SIGTERM (and SIGUSR1 outside SLURM) Lightning's own handler lets the step in progress
-    finish and raises ``SIGTERMException`` out of the fit loop; this callback writes last.ckpt at that point,
-    a clean step boundary from which ``ckpt_path=last`` continues exactly. SIGUSR1 (the usual "time is
-    nearly up" signal of schedulers) is routed to the same path. Under SLURM, SIGUSR1 is left to
-    Lightning's SLURM environment, which saves an ``hpc_ckpt`` and requeues the job (auto_requeue).
+    Preemption:
+
+    * SIGTERM: Lightning's own handler lets the step in progress finish and raises ``SIGTERMException`` out
+      of the fit loop; this callback writes last.ckpt at that point, a clean step boundary from which
+      ``ckpt_path=last`` continues exactly, and ``ldm-train`` exits with status 143.
+    * ``requeue_signals`` (SIGUSR1, and SIGUSR2, which submitit, hence ``hydra/launcher=slurm``, sends before
+      the time limit): noted when they arrive; at the next step boundary the ranks agree that one arrived
+      (on any of them), write last.ckpt, and, under SLURM, rank 0 requeues the job with ``scontrol requeue``;
+      then the run stops like on SIGTERM. The requeued job finds its last.ckpt (same run folder, from the job
+      id) with ``ckpt_path=last``. This replaces Lightning's SLURM handler, which saves from inside the
+      signal handler, mid-step, and listens on SIGUSR1 only.
     """
 
-    def __init__(self, dirpath: str, filename: str = "last") -> None:
+    def __init__(self, dirpath: str, filename: str = "last", requeue_signals: list[str] | tuple[str, ...] = ("SIGUSR1", "SIGUSR2")) -> None:
         if not filename:
             raise ValueError("ResumeCheckpoint needs a filename (without .ckpt)")
+        unknown = [name for name in requeue_signals if not isinstance(getattr(signal, str(name), None), signal.Signals)]
+        if unknown:
+            raise ValueError(f"unknown requeue_signals {unknown}: use names such as SIGUSR1, SIGUSR2")
         self.dirpath = Path(dirpath)
         self.filename = filename
+        self.requeue_signals = [getattr(signal, str(name)) for name in requeue_signals]
         self._saved_step = -1
-        self._previous_sigusr1: Any = None
+        self._previous_handlers: dict[int, Any] = {}
+        self._requested: int | None = None
 
     @property
     def ckpt_path(self) -> Path:
@@ -116,22 +128,36 @@ class ResumeCheckpoint(pl.Callback):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._saved_step = -1
-        if SLURMEnvironment.detect() or not hasattr(signal, "SIGUSR1"):
+        self._requested = None
+        for signum in self.requeue_signals:
+            try:
+                self._previous_handlers[signum] = signal.signal(signum, self._on_requeue_signal)
+            except ValueError:  # not the main thread: signals cannot be handled here
+                pass
+
+    def _on_requeue_signal(self, signum: int, frame: Any) -> None:
+        # Only noted: a checkpoint written from here would catch the step (and any collective) midway.
+        self._requested = signum
+
+    def _restore_handlers(self) -> None:
+        for signum, handler in self._previous_handlers.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+        self._previous_handlers = {}
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # Every rank joins this (one tiny all-reduce per step), so all stop at the same step.
+        if not trainer.strategy.reduce_boolean_decision(self._requested is not None, all=False):
             return
-        try:
-            self._previous_sigusr1 = signal.signal(signal.SIGUSR1, self._on_sigusr1)
-        except ValueError:  # not the main thread: signals cannot be handled here
-            self._previous_sigusr1 = None
-
-    @staticmethod
-    def _on_sigusr1(signum: int, frame: Any) -> None:
-        # Re-sent as SIGTERM so Lightning's handler (installed for the duration of fit) takes it from here.
-        os.kill(os.getpid(), signal.SIGTERM)
-
-    def _restore_handler(self) -> None:
-        if self._previous_sigusr1 is not None:
-            signal.signal(signal.SIGUSR1, self._previous_sigusr1)
-            self._previous_sigusr1 = None
+        trainer.save_checkpoint(self.ckpt_path)
+        if trainer.is_global_zero:
+            requeued = requeue_slurm_job()
+            print(
+                f"ldm-train: stopped by a signal at step {trainer.global_step}; checkpoint written to {self.ckpt_path}. "
+                + (f"Requeued SLURM job {requeued}." if requeued else
+                   f"Resume with ckpt_path=last (same run_name) or ckpt_path={self.ckpt_path}"),
+                flush=True,
+            )
+        raise SIGTERMException()  # out of the fit loop as on SIGTERM (exit status 143); already saved
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
         # ModelCheckpoint writes its top-k file and last.ckpt at the same step.
@@ -143,9 +169,9 @@ class ResumeCheckpoint(pl.Callback):
             trainer.save_checkpoint(self.ckpt_path)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        self._restore_handler()
-        if not isinstance(exception, SIGTERMException):
-            return
+        self._restore_handlers()
+        if not isinstance(exception, SIGTERMException) or self._requested is not None:
+            return  # not a preemption, or a requeue signal that on_train_batch_end has handled
         trainer.save_checkpoint(self.ckpt_path)
         if trainer.is_global_zero:
             print(
@@ -155,7 +181,28 @@ class ResumeCheckpoint(pl.Callback):
             )
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._restore_handler()
+        self._restore_handlers()
+
+
+def requeue_slurm_job() -> str | None:
+    """``scontrol requeue`` this SLURM job (array jobs by ``<array job id>_<task id>``); its id, or None
+    outside SLURM or when scontrol fails (said in the log)."""
+    array_job, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    job_id = f"{array_job}_{task}" if array_job and task else os.environ.get("SLURM_JOB_ID")
+    if not job_id:
+        return None
+    if not re.fullmatch(r"[0-9_]+", job_id):
+        log.warning("not requeueing: SLURM job id %r is not numeric", job_id)
+        return None
+    try:
+        result = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        log.warning("could not requeue SLURM job %s: %s", job_id, err)
+        return None
+    if result.returncode != 0:
+        log.warning("scontrol requeue %s failed (%d): %s", job_id, result.returncode, result.stderr.strip())
+        return None
+    return job_id
 
 
 # --- non-finite guard -----------------------------------------------------------------------------
