@@ -277,9 +277,14 @@ def sample_heun(
     """Heun's second-order method (Karras et al. 2022, Algorithm 2 with S_churn = 0).
 
     Each step takes an Euler step to sigma_next and, unless sigma_next = 0, corrects it with the average of the
-    slopes at both ends: 2 * steps - 1 network evaluations. Sigmas and start as in `sample_euler`.
+    slopes at both ends: 2 * steps - 1 network evaluations (2 * steps - 2 from the pure noise of a
+    zero-terminal-SNR schedule, whose first step is Euler's). Sigmas and start as in `sample_euler`.
     """
     t_model, sigmas = _ve_levels(schedule, steps, timestep_spacing, timesteps, karras, rho)
+    # With zero terminal SNR a run from T-1 starts at the cap standing in for sigma = inf: the trapezoid over
+    # (sigma_next, cap) would give the slope at sigma_next half of an interval that is really unbounded, so that
+    # step is the Euler one, which is the exact DDIM step from pure noise (Lin et al. 2023, sec. 3.3).
+    from_infinity = schedule.zero_terminal_snr and t_model[0] == schedule.num_train_timesteps - 1
     sigmas.append(0.0)
     x = noise / _vp_scale(sigmas[0])
     for i, t in enumerate(t_model):
@@ -287,7 +292,7 @@ def sample_heun(
         x0_hat = _clip(denoise(x * _vp_scale(sigma), _time(t, x), cond), clip_x0)
         slope = (x - x0_hat) / sigma
         x_euler = x + slope * (sigma_next - sigma)
-        if sigma_next == 0:
+        if sigma_next == 0 or (i == 0 and from_infinity):
             x = x_euler
         else:
             x0_next = _clip(denoise(x_euler * _vp_scale(sigma_next), _time(t_model[i + 1], x), cond), clip_x0)
