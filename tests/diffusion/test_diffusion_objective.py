@@ -1,5 +1,7 @@
 """DiffusionObjective: Monte-Carlo loss vs the Bayes-optimal closed form, noise, dtype and errors."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -140,3 +142,23 @@ def test_bad_configurations_raise():
     ]:
         with pytest.raises(ValueError, match=match):
             DiffusionObjective(NoiseSchedule(), **kwargs)
+
+
+@pytest.mark.parametrize("kind", ["cosine", "sigmoid"])
+def test_eps_on_a_schedule_that_ends_near_pure_noise_warns(kind):
+    # alpha(T-1) is 4.9e-5 (cosine) and 5.5e-4 (sigmoid): x0 = (x_t - sigma eps) / alpha multiplies the eps
+    # error by ~20,000 and ~1,800 at the first step (experiments/prediction: eps + cosine, FID 1199).
+    schedule = NoiseSchedule(kind)
+    with pytest.warns(UserWarning, match=r"objective=v") as record:
+        DiffusionObjective(schedule, prediction="eps")
+    assert kind in str(record[0].message) and "alpha(T-1)" in str(record[0].message)
+    with pytest.warns(UserWarning, match=r"objective=v"):
+        DiffusionObjective(schedule, prediction="eps").denoiser(lambda x, t, c: x)
+
+
+@pytest.mark.parametrize("kind,prediction", [("linear", "eps"), ("scaled_linear", "eps"), ("cosine", "v"),
+                                             ("sigmoid", "x0"), ("cosine", "edm")])
+def test_no_warning_where_the_first_step_is_well_conditioned(kind, prediction):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        DiffusionObjective(NoiseSchedule(kind), prediction=prediction)
