@@ -88,6 +88,17 @@ class DiffusionObjective:
         if offset_noise < 0:
             raise ValueError(f"offset_noise must be >= 0, got {offset_noise}")
         _check_prediction_vs_schedule(schedule, prediction)
+        if offset_noise > 0 and schedule.zero_terminal_snr:
+            # At SNR = 0, x_T is the noise itself: training then teaches the model x_T ~ N(0, 1 + offset^2) per
+            # channel mean, while every sampler starts from N(0, I). Lin et al. 2023 propose zero terminal SNR
+            # as the replacement for offset noise; both at once is legal (it runs) but mismatched.
+            warnings.warn(
+                f"offset_noise={offset_noise} with zero_terminal_snr: the last step trains on noise of variance "
+                f"1 + offset_noise^2 = {1 + offset_noise**2:g} but sampling starts from N(0, I); zero terminal SNR "
+                "already lets the model change an image's mean (Lin et al. 2023): set offset_noise=0.",
+                UserWarning,
+                stacklevel=2,
+            )
         self.schedule = schedule
         self.prediction = prediction
         self.loss_type = loss_type

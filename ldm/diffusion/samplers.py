@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -33,7 +34,18 @@ def _discrete_timesteps(
     schedule: NoiseSchedule, steps: int | None, spacing: str, timesteps: Sequence[int] | None
 ) -> list[int]:
     if timesteps is None:
-        return sampling_timesteps(schedule.num_train_timesteps, steps, spacing).tolist()
+        ts = sampling_timesteps(schedule.num_train_timesteps, steps, spacing).tolist()
+        last = schedule.num_train_timesteps - 1
+        if schedule.zero_terminal_snr and ts[0] < last:
+            warnings.warn(
+                f"timestep_spacing={spacing} starts at t={ts[0]}, not at the zero-SNR step t={last}: the pure "
+                f"noise the sampler starts from is then taken for x_{ts[0]}, which still holds signal, so the "
+                "brightness/contrast the model was trained to generate from pure noise is lost (Lin et al. 2023, "
+                "sec. 3.3). Use timestep_spacing=trailing (or linspace).",
+                UserWarning,
+                stacklevel=3,
+            )
+        return ts
     ts = [int(t) for t in timesteps]
     if (
         not ts

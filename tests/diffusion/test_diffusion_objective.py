@@ -162,3 +162,14 @@ def test_no_warning_where_the_first_step_is_well_conditioned(kind, prediction):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         DiffusionObjective(NoiseSchedule(kind), prediction=prediction)
+
+
+def test_offset_noise_with_zero_terminal_snr_warns():
+    # At SNR = 0, x_T = noise, whose variance is 1 + offset^2 in training, but sampling starts from N(0, I).
+    schedule = NoiseSchedule("linear", zero_terminal_snr=True)
+    with pytest.warns(UserWarning, match=r"1 \+ offset_noise\^2 = 1.01"):
+        DiffusionObjective(schedule, prediction="v", offset_noise=0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        DiffusionObjective(schedule, prediction="v")
+        DiffusionObjective(NoiseSchedule("linear"), prediction="v", offset_noise=0.1)

@@ -3,6 +3,7 @@ infinite, so samplers in VE space start from a capped sigma; that cap must stay 
 sampler's and the denoiser's notion of a fractional t near T-1 must agree."""
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -110,3 +111,16 @@ def test_heun_takes_the_euler_step_out_of_pure_noise(karras):
     assert len(seen) == 2 * 12 - 2
     assert seen[0][0] == schedule.num_train_timesteps - 1 and seen[1][0] < seen[0][0]
     assert out.std().item() == pytest.approx(DATA_STD, rel=0.7 if karras else 0.15)
+
+
+@pytest.mark.parametrize("name", ["ddpm", "ddim", "dpmpp_2m", "euler", "heun"])
+def test_leading_spacing_warns_that_it_never_starts_from_pure_noise(name):
+    schedule = _schedule("scaled_linear")
+    noise = torch.randn(1, 1, 2, 2, generator=torch.Generator().manual_seed(0))
+    with pytest.warns(UserWarning, match="timestep_spacing=trailing"):
+        S.sample(name, _recording_v_denoiser(schedule, []), noise, schedule, steps=5, timestep_spacing="leading")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        S.sample(name, _recording_v_denoiser(schedule, []), noise, schedule, steps=5, timestep_spacing="trailing")
+        S.sample(name, _recording_v_denoiser(NoiseSchedule("scaled_linear"), []), noise, NoiseSchedule("scaled_linear"),
+                 steps=5, timestep_spacing="leading")
