@@ -32,6 +32,7 @@ class PreviewConfig:
 
     every_n_steps: int = 1000
     guidance_scales: list[float] = field(default_factory=lambda: [1.0, 3.0])
+    guidance_rescale: float = 0.0  # phi of Lin et al. 2023, eq. 15-17 (0 = off)
     per_class: int = 8
     prompts: list[str] = field(default_factory=list)
     sampler: dict[str, Any] | None = None
@@ -214,6 +215,7 @@ class LatentDiffusionModule(pl.LightningModule):
                 sampler=self.preview.sampler,
                 guidance_scale=scale,
                 generator=generator,
+                guidance_rescale=self.preview.guidance_rescale,
             )
             log_image_grid(self.trainer, f"samples_cfg{scale:g}", images, nrow=nrow)
 
