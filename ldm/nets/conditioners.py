@@ -71,10 +71,8 @@ class Embedder(nn.Module):
             )
         inputs = batch[self.input_key]
         batch_size = len(inputs)
-        if force_unconditional and self.guided:
-            drop = torch.ones(batch_size, dtype=torch.bool)
-        elif force_unconditional:
-            drop = torch.zeros(batch_size, dtype=torch.bool)
+        if force_unconditional:
+            drop = torch.full((batch_size,), self.guided, dtype=torch.bool)
         elif drop is None:
             drop = self.drop_mask(batch_size, generator)
         return self.encode(inputs, drop)
@@ -304,12 +302,10 @@ class Conditioner(nn.Module):
     {'context': (B, L, D) or None, 'y': tensor or None, 'concat': (B, C, h, w) or None}.
     Several context outputs are joined along L; several concat outputs along C.
 
-    Condition dropout while training: guidance's unconditional branch drops every guided condition at once,
-    so that is what the model must see. `joint_drop_rate` drops all guided embedders of a sample together
-    (None: their common drop_rate); with several embedders dropped independently at 0.1, all of them would
-    be dropped on 1 % of samples only. `independent_drops` additionally drops each embedder alone at its own
-    drop_rate (to also train e.g. class-only or text-only guidance); the old behaviour is joint_drop_rate=0 with
-    independent drops. Unguided embedders (concat) never join the joint drop and drop at their own rate.
+    Training dropout: guidance's unconditional branch drops every guided condition at once, so the model must
+    see that. `joint_drop_rate` drops all guided embedders of a sample together (None: their common drop_rate;
+    independent drops at 0.1 each would drop both on 1 % of samples only). `independent_drops` also drops each
+    alone at its own drop_rate (class-only / text-only guidance). Unguided (concat) ones drop at their own rate.
     """
 
     def __init__(
