@@ -68,7 +68,7 @@ def generate(cfg: DictConfig, out_dir: Path) -> SampleSet:
     started = time.perf_counter()
     try:
         images = sampler.sample(conditions, image_size, dict(sampler_cfg), float(cfg.guidance_scale), generator,
-                                int(cfg.batch_size))
+                                int(cfg.batch_size), guidance_rescale=float(cfg.guidance_rescale))
     finally:
         hook.remove()
     seconds = time.perf_counter() - started
@@ -79,7 +79,8 @@ def generate(cfg: DictConfig, out_dir: Path) -> SampleSet:
     npz = save_samples_npz(out_dir / "samples.npz", images, labels=labels, prompts=prompts)
     write_manifest(out_dir / "manifest.json", {
         "command": OmegaConf.to_container(cfg, resolve=True), "sampler": sampler_cfg, "seed": int(cfg.seed),
-        "guidance_scale": float(cfg.guidance_scale), "image_size": image_size, "model": str(cfg.model_path),
+        "guidance_scale": float(cfg.guidance_scale), "guidance_rescale": float(cfg.guidance_rescale),
+        "image_size": image_size, "model": str(cfg.model_path),
         "model_sha256": file_hash(Path(str(cfg.model_path))), "cost": cost,
     })
     samples = load_samples(npz)

@@ -141,6 +141,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     for scale in scales:
         if float(scale) < 0:
             raise ConfigError(f"guidance_scale must be >= 0, got {scale}")
+    rescale = float(cfg.guidance_rescale)
+    if not 0.0 <= rescale <= 1.0:
+        raise ConfigError(f"guidance_rescale is a mixing weight in [0, 1], got {rescale}")
     out_dir = Path(cfg.out_dir)
     results = {}
     for scale in scales:
@@ -151,6 +154,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             images = sampler.sample(
                 conditions, image_size, dict(sampler_cfg), float(scale), generator, int(cfg.batch_size),
                 progress=lambda done, total, task=task: progress.update(task, completed=done), edit=edit,
+                guidance_rescale=rescale,
             )
         save_samples_npz(folder / "samples.npz", images, labels=conditions.get("label"), prompts=conditions.get("caption"))
         save_png(to_uint8_grid(images, nrow=int(cfg.n)), folder / "grid.png")
@@ -159,7 +163,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                 save_png(array if array.shape[-1] == 3 else np.repeat(array, 3, axis=-1), folder / "images" / f"{i:05d}.png")
         write_manifest(folder / "manifest.json", {
             "command": OmegaConf.to_container(cfg, resolve=True), "sampler": sampler_cfg,
-            "guidance_scale": float(scale), "seed": int(cfg.seed), "image_size": image_size,
+            "guidance_scale": float(scale), "guidance_rescale": rescale, "seed": int(cfg.seed), "image_size": image_size,
             "model": str(model_path), "model_sha256": file_hash(model_path), "count": count,
         })
         results[float(scale)] = str(folder / "samples.npz")

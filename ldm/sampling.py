@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,8 @@ from ldm import distributed
 from ldm.diffusion import samplers as sampler_lib
 from ldm.diffusion.guidance import ClassifierFreeGuidance
 from ldm.io.export import atomic_path, write_text_atomic
+
+log = logging.getLogger(__name__)
 
 
 def _batch_size_of(conditions: dict[str, Any]) -> int:
@@ -75,7 +78,9 @@ class LatentEdit:
         steps = max(1, round(int(kwargs.pop("steps", 50)) * self.strength))
         kwargs.pop("timestep_spacing", None)
         if kwargs.pop("karras", False):
-            raise ValueError("img2img starts at a discrete timestep: set sampler.karras=false")
+            # Karras sigmas run from the schedule's sigma_max; an edit starts part-way, at t_start.
+            log.info("img2img starts at the discrete timestep %d: this edit samples on the schedule's timesteps, "
+                     "not Karras sigmas (set sampler.karras=false to say so)", t_start)
         timesteps = torch.linspace(t_start, 0, steps + 1)[:-1].round().long().unique_consecutive().tolist()
         t = torch.full((noise.shape[0],), t_start, device=noise.device)
         return schedule.q_sample(self.z0, t, noise), {**kwargs, "timesteps": timesteps}
@@ -126,10 +131,14 @@ class LatentSampler:
         batch_size: int = 256,
         progress: Callable[[int, int], None] | None = None,
         edit: LatentEdit | None = None,
+        guidance_rescale: float = 0.0,
     ) -> torch.Tensor:
         """Images (N, C, H, W) in [-1, 1]; same generator seed -> same images.
 
         ``edit`` starts from given latents (SDEdit) and/or keeps a masked region of them (inpainting).
+        ``guidance_rescale`` is phi of Lin et al. 2023 (eq. 15-17; 0 = off, they use 0.7).
+        Guidance is skipped when the model has no guided condition (unconditional, or concat only): both
+        branches would be the same network call.
         """
         sampler = dict(sampler or {"name": "ddim", "steps": 50})
         name = sampler.pop("name")
@@ -138,6 +147,11 @@ class LatentSampler:
         if image_size % f:
             raise ValueError(f"image size {image_size} is not divisible by the first stage's factor {f}")
         shape = (self.first_stage.latent_channels, image_size // f, image_size // f)
+        given = any(key != "n" for key in conditions)  # {"n": ...} alone: no inputs, already unconditional
+        guide = guidance_scale != 1.0 and self.conditioner.guided and given
+        if guidance_scale != 1.0 and not guide:
+            log.info("guidance_scale=%g skipped: no guided condition is given, so the unconditional prediction "
+                     "is the conditional one (one network call per step)", guidance_scale)
         was_training = self.conditioner.training
         self.conditioner.eval()
         out = []
@@ -151,9 +165,11 @@ class LatentSampler:
                 else self.conditioner.unconditional(m, device=self.device, spatial_size=shape[1:])
             )
             denoise = self.objective.denoiser(self.model_fn(self.unet))
-            if guidance_scale != 1.0:
-                uncond = self.conditioner(chunk, force_unconditional=True) if chunk else cond
-                denoise = ClassifierFreeGuidance(denoise, uncond, guidance_scale)
+            if guide:
+                uncond = self.conditioner(chunk, force_unconditional=True)
+                denoise = ClassifierFreeGuidance(
+                    denoise, uncond, guidance_scale, rescale=guidance_rescale, schedule=self.objective.schedule
+                )
             noise = torch.randn((m, *shape), generator=generator, device=self.device)
             kwargs = dict(sampler)
             if edit is not None:
@@ -274,6 +290,7 @@ def write_final_samples(module: Any, datamodule: Any, out_dir: str | Path, cfg: 
         images = sample_sharded(
             sampler, conditions, int(datamodule.image_size), int(cfg.seed), sampler=sampler_cfg,
             guidance_scale=float(settings.guidance_scale), batch_size=int(settings.batch_size),
+            guidance_rescale=float(settings.get("guidance_rescale", 0.0)),
         )
     finally:
         sampler.unet.train(was_training)
@@ -311,6 +328,7 @@ def _save_and_judge(images: torch.Tensor, conditions: dict[str, Any], num_classe
             "seed": int(cfg.seed),
             # Rank r of a distributed run drew its contiguous share of the set with seed + r.
             "world_size": distributed.world_size(),
+            "guidance_rescale": float(settings.get("guidance_rescale", 0.0)),
             "per_class": per_class,
             "num_classes": num_classes,
             "prompts": sorted(set(conditions.get("caption") or [])),

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -33,7 +34,18 @@ def _discrete_timesteps(
     schedule: NoiseSchedule, steps: int | None, spacing: str, timesteps: Sequence[int] | None
 ) -> list[int]:
     if timesteps is None:
-        return sampling_timesteps(schedule.num_train_timesteps, steps, spacing).tolist()
+        ts = sampling_timesteps(schedule.num_train_timesteps, steps, spacing).tolist()
+        last = schedule.num_train_timesteps - 1
+        if schedule.zero_terminal_snr and ts[0] < last:
+            warnings.warn(
+                f"timestep_spacing={spacing} starts at t={ts[0]}, not at the zero-SNR step t={last}: the pure "
+                f"noise the sampler starts from is then taken for x_{ts[0]}, which still holds signal, so the "
+                "brightness/contrast the model was trained to generate from pure noise is lost (Lin et al. 2023, "
+                "sec. 3.3). Use timestep_spacing=trailing (or linspace).",
+                UserWarning,
+                stacklevel=3,
+            )
+        return ts
     ts = [int(t) for t in timesteps]
     if (
         not ts
@@ -277,9 +289,14 @@ def sample_heun(
     """Heun's second-order method (Karras et al. 2022, Algorithm 2 with S_churn = 0).
 
     Each step takes an Euler step to sigma_next and, unless sigma_next = 0, corrects it with the average of the
-    slopes at both ends: 2 * steps - 1 network evaluations. Sigmas and start as in `sample_euler`.
+    slopes at both ends: 2 * steps - 1 network evaluations (2 * steps - 2 from the pure noise of a
+    zero-terminal-SNR schedule, whose first step is Euler's). Sigmas and start as in `sample_euler`.
     """
     t_model, sigmas = _ve_levels(schedule, steps, timestep_spacing, timesteps, karras, rho)
+    # With zero terminal SNR a run from T-1 starts at the cap standing in for sigma = inf: the trapezoid over
+    # (sigma_next, cap) would give the slope at sigma_next half of an interval that is really unbounded, so that
+    # step is the Euler one, which is the exact DDIM step from pure noise (Lin et al. 2023, sec. 3.3).
+    from_infinity = schedule.zero_terminal_snr and t_model[0] == schedule.num_train_timesteps - 1
     sigmas.append(0.0)
     x = noise / _vp_scale(sigmas[0])
     for i, t in enumerate(t_model):
@@ -287,7 +304,7 @@ def sample_heun(
         x0_hat = _clip(denoise(x * _vp_scale(sigma), _time(t, x), cond), clip_x0)
         slope = (x - x0_hat) / sigma
         x_euler = x + slope * (sigma_next - sigma)
-        if sigma_next == 0:
+        if sigma_next == 0 or (i == 0 and from_infinity):
             x = x_euler
         else:
             x0_next = _clip(denoise(x_euler * _vp_scale(sigma_next), _time(t_model[i + 1], x), cond), clip_x0)

@@ -18,7 +18,8 @@ TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 
 _DEFAULT_BETA_RANGE = {"linear": (1e-4, 2e-2), "scaled_linear": (0.00085, 0.012)}
 # With zero terminal SNR the VE sigma of the last step is infinite; samplers that work in VE space start from
-# the sigma of alphas_cumprod = 2**-24 instead (the smallest positive fp16 subnormal, as diffusers does).
+# the sigma of alphas_cumprod = 2**-24 instead (the smallest positive fp16 subnormal, as diffusers does), or from
+# higher where sigma(T-2) already exceeds it (see _sampling_ve_sigma_max).
 MIN_SAMPLING_ALPHAS_CUMPROD = 2.0**-24
 
 
@@ -173,7 +174,13 @@ class NoiseSchedule:
         self.betas = betas  # (T,) float64
         self.alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)  # (T,) float64
         self._log_snr = torch.log(self.alphas_cumprod) - torch.log1p(-self.alphas_cumprod)
-        self._tables: dict[torch.device, Tensor] = {}
+        self._ve_sigma_max = _sampling_ve_sigma_max(self._log_snr)
+        # The same table with a finite last entry, log-SNR = -2 log(ve_sigma_max), for fractional t in
+        # (T-2, T-1): there the sampler's sigma (between sigma(T-2) and the cap) and the denoiser's must agree,
+        # whereas interpolating towards -inf would make every such t pure noise. Integer T-1 stays exact.
+        self._capped_log_snr = self._log_snr.clone()
+        self._capped_log_snr[-1] = -2.0 * math.log(self._ve_sigma_max)
+        self._tables: dict[torch.device, tuple[Tensor, Tensor]] = {}
 
     def __repr__(self) -> str:
         return (
@@ -181,15 +188,23 @@ class NoiseSchedule:
             f"zero_terminal_snr={self.zero_terminal_snr})"
         )
 
-    def _table(self, device: torch.device) -> Tensor:
+    def _table(self, device: torch.device, capped: bool = False) -> Tensor:
+        """The exact log-SNR table, or (capped=True) the one fractional t interpolates, on device."""
         if device not in self._tables:
-            self._tables[device] = self._log_snr.to(device=device, dtype=_compute_dtype(device))
-        return self._tables[device]
+            dtype = _compute_dtype(device)
+            self._tables[device] = (
+                self._log_snr.to(device=device, dtype=dtype),
+                self._capped_log_snr.to(device=device, dtype=dtype),
+            )
+        return self._tables[device][1 if capped else 0]
 
     def _as_time(self, t: Tensor | float | int) -> Tensor:
         t = torch.as_tensor(t)
-        if t.device.type == "cpu" and t.numel() and (t.min() < 0 or t.max() > self.num_train_timesteps - 1):
-            raise ValueError(f"timesteps must lie in [0, {self.num_train_timesteps - 1}], got {t}")
+        # NaN compares False with both bounds, so it is named explicitly (it would index the table garbage).
+        if t.device.type == "cpu" and t.numel() and (
+            t.min() < 0 or t.max() > self.num_train_timesteps - 1 or (t.is_floating_point() and t.isnan().any())
+        ):
+            raise ValueError(f"timesteps must lie in [0, {self.num_train_timesteps - 1}] (not NaN), got {t}")
         return t
 
     def _log_snr_at(self, t: Tensor | float | int) -> Tensor:
@@ -198,12 +213,14 @@ class NoiseSchedule:
         table = self._table(t.device)
         if not t.is_floating_point():
             return table[t]
+        capped = self._table(t.device, capped=True)
         t = t.to(table.dtype).clamp(0, self.num_train_timesteps - 1)
         low = t.floor().long().clamp(max=self.num_train_timesteps - 2)
         w = t - low
-        lo, hi = table[low], table[low + 1]
-        # Explicit endpoints: with zero terminal SNR hi can be -inf, and 0 * inf would be nan.
-        return torch.where(w == 0, lo, torch.where(w == 1, hi, lo + w * (hi - lo)))
+        lo, hi = table[low], capped[low + 1]
+        # Explicit endpoints: t = T-1 is exact (-inf with zero terminal SNR, where 0 * inf would be nan); in
+        # (T-2, T-1) the capped entry keeps alpha > 0, matching t_from_ve_sigma.
+        return torch.where(w == 0, lo, torch.where(w == 1, table[low + 1], lo + w * (hi - lo)))
 
     def log_snr(self, t: Tensor | float | int, dtype: torch.dtype = torch.float32) -> Tensor:
         """log(alpha_t**2 / sigma_t**2) at integer or fractional t (same shape and device as t)."""
@@ -232,16 +249,19 @@ class NoiseSchedule:
         """Fractional timestep whose VE sigma is sigma_ve, by log-sigma interpolation (inverse of ve_sigma).
 
         With zero terminal SNR the last table entry is taken at the capped `ve_sigma_max` (the true one is
-        infinite), so sigmas between sigma(T-2) and ve_sigma_max map into (T-2, T-1] as diffusers does.
+        infinite), so sigmas between sigma(T-2) and ve_sigma_max map into (T-2, T-1], as diffusers does, and
+        `ve_sigma` maps them back. Sigmas beyond the range clamp to t = 0 or T-1.
         """
         sigma_ve = torch.as_tensor(sigma_ve)
-        table = self._table(sigma_ve.device)
-        log_sigmas = (-0.5 * table).clamp(max=math.log(self.ve_sigma_max))  # ascending in t
-        log_sigma = torch.log(sigma_ve.to(table.dtype)).reshape(-1)
+        if sigma_ve.device.type == "cpu" and sigma_ve.is_floating_point() and sigma_ve.isnan().any():
+            raise ValueError(f"VE sigmas must not be NaN, got {sigma_ve}")
+        log_sigmas = -0.5 * self._table(sigma_ve.device, capped=True)  # strictly ascending in t
+        log_sigma = torch.log(sigma_ve.to(log_sigmas.dtype)).reshape(-1)
         low = torch.searchsorted(log_sigmas, log_sigma, right=True) - 1
         low = low.clamp(0, self.num_train_timesteps - 2)
         lo, hi = log_sigmas[low], log_sigmas[low + 1]
-        w = ((log_sigma - lo) / (hi - lo)).clamp(0, 1)
+        # Equal endpoints (betas of 0) would give 0 / 0: any t between them has that sigma, take the lower one.
+        w = torch.where(hi > lo, (log_sigma - lo) / (hi - lo), torch.zeros_like(lo)).clamp(0, 1)
         return (low + w).reshape(sigma_ve.shape).to(dtype)
 
     @property
@@ -251,9 +271,9 @@ class NoiseSchedule:
 
     @property
     def ve_sigma_max(self) -> float:
-        """VE sigma at t=T-1, capped at alphas_cumprod = 2**-24 so zero-terminal-SNR schedules stay finite."""
-        abar = max(float(self.alphas_cumprod[-1]), MIN_SAMPLING_ALPHAS_CUMPROD)
-        return math.sqrt((1.0 - abar) / abar)
+        """VE sigma at t=T-1 where samplers start; finite even with zero terminal SNR (see
+        `_sampling_ve_sigma_max`)."""
+        return self._ve_sigma_max
 
     def q_sample(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
         """Sample q(x_t | x0) = N(alpha_t x0, sigma_t**2 I) with the given noise (DDPM eq. 4)."""
@@ -291,6 +311,22 @@ class NoiseSchedule:
         c_x0, c_xt, variance = self.posterior_coefficients(t.to(x0.device), t_prev)
         mean = expand_as_batch(c_x0.to(x0.dtype), x0) * x0 + expand_as_batch(c_xt.to(x0.dtype), x0) * x_t
         return mean, variance.to(x0.dtype)
+
+
+def _sampling_ve_sigma_max(log_snr: Tensor) -> float:
+    """The VE sigma samplers start from: sigma(T-1) itself when finite. With zero terminal SNR it is infinite,
+    and only that last entry is capped: at alphas_cumprod = 2**-24 (diffusers' choice) where that lies above
+    sigma(T-2), else one more log-sigma step past T-2 (the linear schedule's sigma(998) is ~15,406 > 4096),
+    so the sigmas stay strictly increasing in t and `t_from_ve_sigma` stays invertible."""
+    last = float(log_snr[-1])
+    if math.isfinite(last):
+        return math.exp(-0.5 * last)
+    cap = math.sqrt((1.0 - MIN_SAMPLING_ALPHAS_CUMPROD) / MIN_SAMPLING_ALPHAS_CUMPROD)
+    before = math.exp(-0.5 * float(log_snr[-2]))
+    if before < cap:
+        return cap
+    ratio = math.exp(-0.5 * float(log_snr[-2] - log_snr[-3])) if len(log_snr) > 2 else 2.0
+    return before * ratio
 
 
 def _compute_dtype(device: torch.device) -> torch.dtype:

@@ -9,8 +9,16 @@ x_t = alpha x0 + sigma eps, SNR = alpha^2 / sigma^2):
   edm: x0_hat = c_skip x + c_out F_hat             ->  k = c_out^2 = sd^2 / (1 + sd^2 SNR)
 a weight w_x0 on the x0-space error equals w_x0 * k on the prediction-space error.
 
-min_snr (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting Strategy"): w_x0 = min(SNR, gamma),
-  eps: min(SNR, gamma) / SNR = min(1, gamma / SNR)     v: min(SNR, gamma) / (SNR + 1)     x0: min(SNR, gamma)
+min_snr (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting Strategy") truncates the x0-space
+  weight at gamma. Hang et al.'s w_x0 = min(SNR, gamma) is 0 at SNR = 0, the last step of a zero-terminal-SNR
+  schedule, which is the step that schedule exists to train (Lin et al. 2023). So only eps keeps it; the other
+  types truncate SNR + 1 instead, w_x0 = min(SNR + 1, gamma), as diffusers' trainers do for v ("add one to SNR"):
+  eps: min(SNR, gamma) / SNR = min(1, gamma / SNR)    (1 at SNR = 0 already; eps cannot run at SNR = 0 anyway)
+  v:   min(SNR + 1, gamma) / (SNR + 1) = min(1, gamma / (SNR + 1))    the eps rule on v's own scale: 1 at SNR = 0
+  x0:  min(SNR + 1, gamma)                                            the same x0-space weight as v, so that
+  edm: min(SNR + 1, gamma) c_out^2                                    switching the target leaves the loss alone
+  Both agree with Hang et al. where SNR >= gamma (the low-noise steps the truncation is about); below, the
+  high-noise steps get weight 1 in v space rather than SNR / (SNR + 1) -> 0.
 edm (Karras et al. 2022, eq. 8 / Table 1): w_x0 = lambda(sigma) = (sigma^2 + sd^2) / (sigma sd)^2 with the VE
   sigma^2 = 1 / SNR, i.e. lambda = 1 / sd^2 + SNR (finite at SNR = 0); with EDM preconditioning lambda c_out^2 = 1.
 none: weight 1 on the prediction-space error (the "simple" DDPM loss of Ho et al. 2020).
@@ -60,4 +68,4 @@ def loss_weight(
     if prediction == "eps":
         # min(SNR, gamma) / SNR without 0/0 at SNR = 0.
         return (min_snr_gamma / snr).clamp(max=1.0)
-    return snr.clamp(max=min_snr_gamma) * scale
+    return (snr + 1.0).clamp(max=min_snr_gamma) * scale

@@ -34,6 +34,7 @@ class PreviewConfig:
 
     every_n_steps: int = 1000
     guidance_scales: list[float] = field(default_factory=lambda: [1.0, 3.0])
+    guidance_rescale: float = 0.0  # phi of Lin et al. 2023, eq. 15-17 (0 = off)
     per_class: int = 8
     prompts: list[str] = field(default_factory=list)
     sampler: dict[str, Any] | None = None
@@ -237,7 +238,8 @@ class LatentDiffusionModule(pl.LightningModule):
         conditions, nrow = sampler.preview_conditions(self.preview.per_class, self.preview.prompts)
         for scale in self.preview.guidance_scales:
             images = sample_sharded(sampler, conditions, self.image_size, self.preview.seed,
-                                    sampler=self.preview.sampler, guidance_scale=scale)
+                                    sampler=self.preview.sampler, guidance_scale=scale,
+                                    guidance_rescale=self.preview.guidance_rescale)
             if self.trainer.is_global_zero:
                 log_image_grid(self.trainer, f"samples_cfg{scale:g}", images, nrow=nrow)
 

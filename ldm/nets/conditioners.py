@@ -6,6 +6,9 @@ Each embedder reads one batch key and produces one of three things the UNet cons
   'concat' (B, C, h, w) channels concatenated to the UNet input.
 Dropout replaces a sample's *input* by the unconditional input (null class, empty caption, zeros)
 before encoding, so a dropped sample is encoded exactly like `unconditional()`.
+A *guided* embedder (class, text) is dropped in guidance's unconditional branch; an unguided one (concat:
+the masked image of inpainting, the low-resolution image of super-resolution) is kept in both branches, as
+diffusers' inpainting and upscaling pipelines do, so guidance never pushes away from the known pixels.
 """
 
 from __future__ import annotations
@@ -47,16 +50,20 @@ class Embedder(nn.Module):
 
     output: str
 
-    def __init__(self, input_key: str, drop_rate: float):
+    def __init__(self, input_key: str, drop_rate: float, guided: bool = True):
         super().__init__()
         if not 0.0 <= drop_rate <= 1.0:
             raise ValueError(f"drop_rate is a probability in [0, 1], got {drop_rate}.")
         self.input_key = input_key
         self.drop_rate = float(drop_rate)
+        self.guided = bool(guided)
 
     def forward(
-        self, batch: Mapping[str, Any], force_unconditional: bool = False, generator: torch.Generator | None = None
+        self, batch: Mapping[str, Any], force_unconditional: bool = False, generator: torch.Generator | None = None,
+        drop: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """force_unconditional: guidance's unconditional branch (a no-op for an unguided embedder).
+        drop: (B,) bool chosen by the caller (the Conditioner's joint drop) instead of this embedder's own."""
         if self.input_key not in batch:
             raise KeyError(
                 f"{type(self).__name__} reads batch['{self.input_key}'], but the batch has keys {sorted(batch)}; "
@@ -65,8 +72,8 @@ class Embedder(nn.Module):
         inputs = batch[self.input_key]
         batch_size = len(inputs)
         if force_unconditional:
-            drop = torch.ones(batch_size, dtype=torch.bool)
-        else:
+            drop = torch.full((batch_size,), self.guided, dtype=torch.bool)
+        elif drop is None:
             drop = self.drop_mask(batch_size, generator)
         return self.encode(inputs, drop)
 
@@ -262,12 +269,12 @@ class FrozenTextEncoder(Embedder):
 class ConcatConditioner(Embedder):
     """Passes batch[input_key] (B, channels, h, w) through, to be concatenated to the UNet input
     (masked-image latents + mask for inpainting, a low-resolution image for super-resolution).
-    The unconditional input is all zeros."""
+    The unconditional input is all zeros. Not guided by default: guidance keeps it in both branches."""
 
     output = "concat"
 
-    def __init__(self, input_key: str, channels: int, drop_rate: float = 0.1):
-        super().__init__(input_key, drop_rate)
+    def __init__(self, input_key: str, channels: int, drop_rate: float = 0.1, guided: bool = False):
+        super().__init__(input_key, drop_rate, guided)
         if channels < 1:
             raise ValueError(f"channels must be >= 1, got {channels}.")
         self.channels = channels
@@ -286,14 +293,40 @@ class ConcatConditioner(Embedder):
         return torch.zeros(batch_size, self.channels, *spatial_size, device=device)
 
 
+def _bernoulli(batch_size: int, p: float, generator: torch.Generator | None) -> torch.Tensor:
+    """(B,) bool, True with probability p; drawn on the generator's device so a seed means one thing."""
+    device = generator.device if generator is not None else None
+    return torch.rand(batch_size, generator=generator, device=device) < p
+
+
 class Conditioner(nn.Module):
     """Runs every embedder on a batch and gathers what the UNet needs:
     {'context': (B, L, D) or None, 'y': tensor or None, 'concat': (B, C, h, w) or None}.
-    Several context outputs are joined along L; several concat outputs along C."""
+    Several context outputs are joined along L; several concat outputs along C.
 
-    def __init__(self, embedders: Sequence[Embedder] = ()):
+    Training dropout: guidance's unconditional branch drops every guided condition at once, so the model must
+    see that. `joint_drop_rate` drops all guided embedders of a sample together (None: their common drop_rate;
+    independent drops at 0.1 each would drop both on 1 % of samples only). `independent_drops` also drops each
+    alone at its own drop_rate (class-only / text-only guidance). Unguided (concat) ones drop at their own rate.
+    """
+
+    def __init__(
+        self, embedders: Sequence[Embedder] = (), joint_drop_rate: float | None = None, independent_drops: bool = False
+    ):
         super().__init__()
         self.embedders = nn.ModuleList(embedders)
+        guided_rates = sorted({e.drop_rate for e in self.embedders if e.guided})
+        if joint_drop_rate is None:
+            if len(guided_rates) > 1:
+                raise ValueError(f"Guided embedders have different drop_rate {guided_rates}: set joint_drop_rate "
+                                 "(how often all are dropped together) and independent_drops=true for the rest.")
+            joint_drop_rate = guided_rates[0] if guided_rates else 0.0
+        if not 0.0 <= joint_drop_rate <= 1.0:
+            raise ValueError(f"joint_drop_rate is a probability in [0, 1], got {joint_drop_rate}.")
+        self.joint_drop_rate = float(joint_drop_rate)
+        self.independent_drops = bool(independent_drops)
+        # Whether guidance has anything to drop: without a guided embedder its two branches are the same.
+        self.guided = bool(guided_rates)
         by_kind = {kind: [e for e in self.embedders if e.output == kind] for kind in ("context", "y", "concat")}
         dims = {e.output_dim for e in by_kind["context"]}
         if len(dims) > 1:
@@ -315,8 +348,26 @@ class Conditioner(nn.Module):
     def forward(
         self, batch: Mapping[str, Any], force_unconditional: bool = False, generator: torch.Generator | None = None
     ) -> dict[str, torch.Tensor | None]:
-        outputs = [(e.output, e(batch, force_unconditional, generator)) for e in self.embedders]
+        joint = self._joint_drop(batch, generator) if self.training and not force_unconditional else None
+        outputs = []
+        for e in self.embedders:
+            drop = None
+            if joint is not None and e.guided:
+                drop = joint
+                if self.independent_drops:
+                    drop = joint | e.drop_mask(len(joint), generator).to(joint.device)
+            outputs.append((e.output, e(batch, force_unconditional, generator, drop=drop)))
         return self._gather(outputs)
+
+    def _joint_drop(self, batch: Mapping[str, Any], generator: torch.Generator | None) -> torch.Tensor | None:
+        """(B,) bool: samples whose guided conditions are all dropped; None without guided embedders."""
+        keys = [e.input_key for e in self.embedders if e.guided and e.input_key in batch]
+        if not keys:
+            return None  # no guided embedder, or a missing key the embedder itself reports
+        batch_size = len(batch[keys[0]])
+        if self.joint_drop_rate == 0.0:
+            return torch.zeros(batch_size, dtype=torch.bool)
+        return _bernoulli(batch_size, self.joint_drop_rate, generator)
 
     def unconditional(
         self, batch_size: int, device: torch.device | str | None = None, spatial_size: Sequence[int] | None = None

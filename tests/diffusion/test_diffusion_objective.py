@@ -1,5 +1,7 @@
 """DiffusionObjective: Monte-Carlo loss vs the Bayes-optimal closed form, noise, dtype and errors."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -140,3 +142,34 @@ def test_bad_configurations_raise():
     ]:
         with pytest.raises(ValueError, match=match):
             DiffusionObjective(NoiseSchedule(), **kwargs)
+
+
+@pytest.mark.parametrize("kind", ["cosine", "sigmoid"])
+def test_eps_on_a_schedule_that_ends_near_pure_noise_warns(kind):
+    # alpha(T-1) is 4.9e-5 (cosine) and 5.5e-4 (sigmoid): x0 = (x_t - sigma eps) / alpha multiplies the eps
+    # error by ~20,000 and ~1,800 at the first step (experiments/prediction: eps + cosine, FID 1199).
+    schedule = NoiseSchedule(kind)
+    with pytest.warns(UserWarning, match=r"objective=v") as record:
+        DiffusionObjective(schedule, prediction="eps")
+    assert kind in str(record[0].message) and "alpha(T-1)" in str(record[0].message)
+    with pytest.warns(UserWarning, match=r"objective=v"):
+        DiffusionObjective(schedule, prediction="eps").denoiser(lambda x, t, c: x)
+
+
+@pytest.mark.parametrize("kind,prediction", [("linear", "eps"), ("scaled_linear", "eps"), ("cosine", "v"),
+                                             ("sigmoid", "x0"), ("cosine", "edm")])
+def test_no_warning_where_the_first_step_is_well_conditioned(kind, prediction):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        DiffusionObjective(NoiseSchedule(kind), prediction=prediction)
+
+
+def test_offset_noise_with_zero_terminal_snr_warns():
+    # At SNR = 0, x_T = noise, whose variance is 1 + offset^2 in training, but sampling starts from N(0, I).
+    schedule = NoiseSchedule("linear", zero_terminal_snr=True)
+    with pytest.warns(UserWarning, match=r"1 \+ offset_noise\^2 = 1.01"):
+        DiffusionObjective(schedule, prediction="v", offset_noise=0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        DiffusionObjective(schedule, prediction="v")
+        DiffusionObjective(NoiseSchedule("linear"), prediction="v", offset_noise=0.1)

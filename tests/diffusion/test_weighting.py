@@ -13,10 +13,11 @@ T = torch.tensor([0, 10, 100, 300, 500, 700, 900, 999])
 @pytest.mark.parametrize("gamma", [1.0, 5.0, 20.0])
 def test_min_snr_formulas(gamma):
     snr = NoiseSchedule("linear").snr(T, torch.float64)
+    # eps as Hang et al.; v and x0 truncate SNR + 1 (v's own error scale) as diffusers' trainers do for v.
     expected = {
         "eps": torch.minimum(snr, torch.tensor(gamma)) / snr,
-        "v": torch.minimum(snr, torch.tensor(gamma)) / (snr + 1),
-        "x0": torch.minimum(snr, torch.tensor(gamma)),
+        "v": torch.minimum(snr + 1, torch.tensor(gamma)) / (snr + 1),
+        "x0": torch.minimum(snr + 1, torch.tensor(gamma)),
     }
     for prediction, w in expected.items():
         torch.testing.assert_close(loss_weight("min_snr", snr, prediction, gamma), w)
@@ -66,3 +67,19 @@ def test_none_and_errors():
         loss_weight("p2", snr, "eps")
     with pytest.raises(ValueError, match="min_snr_gamma"):
         loss_weight("min_snr", snr, "eps", min_snr_gamma=0.0)
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine"])
+def test_min_snr_trains_the_terminal_step_of_zero_terminal_snr(kind):
+    # SNR = 0 at T-1 is the step zero terminal SNR exists to train (Lin et al. 2023); min(SNR, gamma) is 0 there.
+    snr = NoiseSchedule(kind, zero_terminal_snr=True).snr(T, torch.float64)
+    assert snr[-1] == 0
+    assert loss_weight("min_snr", snr, "v")[-1] == 1.0
+    assert loss_weight("min_snr", snr, "x0")[-1] == 1.0
+    assert loss_weight("min_snr", snr, "edm", sigma_data=0.5)[-1] == pytest.approx(0.25)  # x0 weight 1 x c_out^2
+    # gamma < 1 still caps every weight in x0 space
+    assert loss_weight("min_snr", snr, "v", min_snr_gamma=0.5)[-1] == 0.5
+    # the weight never exceeds 1 in v space, and the x0-space weight is min(SNR + 1, gamma) everywhere
+    w_v = loss_weight("min_snr", snr, "v")
+    assert (w_v <= 1).all() and (w_v > 0).all()
+    torch.testing.assert_close(w_v * (snr + 1), torch.clamp(snr + 1, max=5.0))

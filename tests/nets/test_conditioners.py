@@ -137,7 +137,12 @@ def test_concat_conditioner_passes_through_or_zeros():
     dropped = (out == 0).flatten(1).all(dim=1)
     torch.testing.assert_close(out[~dropped], x[~dropped], rtol=0, atol=0)
     assert abs(dropped.float().mean().item() - 0.5) < 0.05
-    assert torch.count_nonzero(embedder({"masked": x}, force_unconditional=True)) == 0
+    # Not guided by default (as diffusers' inpainting/upscale pipelines): the unconditional branch of
+    # guidance keeps the concat condition; guided=True drops it there too.
+    assert not embedder.guided
+    torch.testing.assert_close(embedder.eval()({"masked": x}, force_unconditional=True), x, rtol=0, atol=0)
+    guided = ConcatConditioner("masked", channels=4, drop_rate=0.5, guided=True)
+    assert torch.count_nonzero(guided({"masked": x}, force_unconditional=True)) == 0
     assert torch.count_nonzero(embedder.unconditional(2, spatial_size=(3, 5))) == 0
     assert embedder.unconditional(2, spatial_size=(3, 5)).shape == (2, 4, 3, 5)
     with pytest.raises(ValueError, match=r"\(B, 4, h, w\)"):
@@ -291,14 +296,18 @@ def test_conditioner_gathers_context_y_and_concat():
     assert out["context"].shape == (2, 2, 8) and out["y"].tolist() == [1, 4]
     torch.testing.assert_close(out["concat"], torch.cat([batch["lowres"], batch["mask"]], dim=1))
     uncond = cond(batch, force_unconditional=True)
-    assert uncond["y"].tolist() == [5, 5] and torch.count_nonzero(uncond["concat"]) == 0
+    # guidance's unconditional branch: guided conditions dropped, concat (unguided) conditions kept
+    assert uncond["y"].tolist() == [5, 5] and torch.equal(uncond["concat"], out["concat"])
     explicit = cond.unconditional(2, spatial_size=(4, 4))
-    for key in ("context", "y", "concat"):
+    for key in ("context", "y"):
         torch.testing.assert_close(explicit[key], uncond[key], rtol=0, atol=0)
+    assert torch.count_nonzero(explicit["concat"]) == 0  # no inputs at all: every condition's null input
+    assert cond.guided and not Conditioner([ConcatConditioner("mask", channels=1)]).guided
+    assert not Conditioner([]).guided
 
 
 def test_conditioner_joins_class_and_text_tokens(minilm):
-    cond = Conditioner([ClassEmbedder(num_classes=10, embed_dim=384, drop_rate=0.0), minilm]).eval()
+    cond = Conditioner([ClassEmbedder(num_classes=10, embed_dim=384, drop_rate=0.5), minilm]).eval()
     out = cond({"label": torch.tensor([7]), "caption": ["a handwritten seven"]})
     assert out["context"].shape == (1, 1 + 16, 384) and out["y"] is None and out["concat"] is None
     torch.testing.assert_close(out["context"][:, 1:], minilm({"caption": ["a handwritten seven"]}))
@@ -326,6 +335,91 @@ def test_check_unet_names_both_values():
     vector = Conditioner([ClassEmbedder(num_classes=4, output="vector")])
     with pytest.raises(ValueError, match=r"5 label ids .* UNet num_classes=4"):
         vector.check_unet(UNetModel(3, 3, 32, (1, 2), 1, None, num_classes=4), 3)
+
+
+class _Probe(conditioners.Embedder):
+    """Outputs its own drop mask as a one-token context, so a test sees which samples were dropped."""
+
+    output, output_dim = "context", 1
+
+    def encode(self, inputs, drop):
+        return drop.float()[:, None, None]
+
+
+def _drop_pattern(cond: Conditioner, n: int, seed: int) -> torch.Tensor:
+    out = cond.train()({"a": torch.zeros(n), "b": torch.zeros(n)}, generator=torch.Generator().manual_seed(seed))
+    return out["context"][:, :, 0].bool()  # (n, 2): dropped a, dropped b
+
+
+def test_joint_drop_rate_drops_every_condition_together():
+    # Guidance's unconditional branch drops every condition at once; two independent drops at 0.1 would show
+    # the model that input on 1 % of samples only.
+    n = 40_000
+    joint = _drop_pattern(Conditioner([_Probe("a", 0.1), _Probe("b", 0.1)]), n, 0)  # default: the embedders' rate
+    all_dropped, partial = joint.all(1).float().mean().item(), (joint.any(1) & ~joint.all(1)).float().mean().item()
+    assert abs(all_dropped - 0.1) < 0.006 and partial == 0.0  # standard error 0.0015
+    # independent drops on top, optional: all = p + (1 - p) r^2, each alone (1 - p) r (1 - r)
+    both = _drop_pattern(Conditioner([_Probe("a", 0.2), _Probe("b", 0.2)], joint_drop_rate=0.1,
+                                     independent_drops=True), n, 1)
+    assert abs(both.all(1).float().mean().item() - (0.1 + 0.9 * 0.04)) < 0.008
+    assert abs((both[:, 0] & ~both[:, 1]).float().mean().item() - 0.9 * 0.2 * 0.8) < 0.008
+    # the old behaviour is joint_drop_rate=0 with independent drops
+    legacy = _drop_pattern(Conditioner([_Probe("a", 0.1), _Probe("b", 0.1)], joint_drop_rate=0.0,
+                                       independent_drops=True), n, 2)
+    assert abs(legacy.all(1).float().mean().item() - 0.01) < 0.003
+    # seeded: the same generator seed drops the same samples; eval drops nothing
+    torch.testing.assert_close(joint, _drop_pattern(Conditioner([_Probe("a", 0.1), _Probe("b", 0.1)]), n, 0))
+    cond = Conditioner([_Probe("a", 0.1), _Probe("b", 0.1)]).eval()
+    assert cond({"a": torch.zeros(50), "b": torch.zeros(50)})["context"].sum() == 0
+
+
+def test_a_single_embedder_drops_as_before():
+    # With one guided embedder the joint drop is its own drop, drawn from the same generator stream.
+    embedder = ClassEmbedder(num_classes=10, output="vector", drop_rate=0.3).train()
+    labels = torch.arange(1000) % 10
+    alone = embedder({"label": labels}, generator=torch.Generator().manual_seed(4))
+    within = Conditioner([embedder]).train()({"label": labels}, generator=torch.Generator().manual_seed(4))["y"]
+    assert torch.equal(alone, within)
+
+
+def test_joint_drop_rate_arguments():
+    with pytest.raises(ValueError, match="set joint_drop_rate"):
+        Conditioner([_Probe("a", 0.1), _Probe("b", 0.2)])
+    with pytest.raises(ValueError, match="probability"):
+        Conditioner([_Probe("a", 0.1)], joint_drop_rate=1.5)
+    # unguided (concat) embedders are not part of the joint drop and keep their own rate
+    concat = ConcatConditioner("m", channels=1, drop_rate=0.0)
+    cond = Conditioner([_Probe("a", 0.5), concat]).train()
+    out = cond({"a": torch.zeros(200), "m": torch.ones(200, 1, 2, 2)}, generator=torch.Generator().manual_seed(0))
+    assert out["context"].sum() > 0 and torch.count_nonzero(out["concat"]) == 200 * 4
+
+
+def test_class_text_yaml_drops_class_and_caption_together():
+    _register_test_resolvers()
+    cfg = OmegaConf.create({"cond": OmegaConf.load(CONF / "cond" / "class_text.yaml")})
+    cond = instantiate(cfg.cond.conditioner)
+    assert cond.joint_drop_rate == cfg.cond.drop_rate == 0.1 and not cond.independent_drops
+    n = 3000
+    batch = {"label": torch.arange(n) % 10, "caption": ["a handwritten digit", "the digit"] * (n // 2)}
+    context = cond.train()(batch, generator=torch.Generator().manual_seed(0))["context"]
+    class_embedder, text_encoder = cond.embedders
+    null = cond.eval().unconditional(1)["context"][0]
+    class_dropped = (context[:, 0] == null[0]).all(-1)
+    text_dropped = (context[:, 1:] == null[1:]).flatten(1).all(-1)
+    assert torch.equal(class_dropped, text_dropped)
+    assert abs(class_dropped.float().mean().item() - 0.1) < 0.02  # standard error 0.0055
+
+
+def test_inpaint_yaml_keeps_the_masked_image_in_both_guidance_branches():
+    _register_test_resolvers()
+    cfg = OmegaConf.create({"first_stage": {"latent_channels": 3},
+                            "cond": OmegaConf.load(CONF / "cond" / "inpaint.yaml")})
+    cond = instantiate(cfg.cond.conditioner)
+    assert not cond.guided and cond.embedders[0].drop_rate == 0.0
+    batch = {"inpaint_concat": torch.randn(64, 4, 2, 2)}
+    torch.testing.assert_close(cond.train()(batch)["concat"], batch["inpaint_concat"], rtol=0, atol=0)
+    torch.testing.assert_close(cond.eval()(batch, force_unconditional=True)["concat"], batch["inpaint_concat"],
+                               rtol=0, atol=0)
 
 
 # ---------------------------------------------------------------------------------------------
