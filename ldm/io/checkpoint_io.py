@@ -8,6 +8,7 @@ fills up, therefore leaves the previous ``last.ckpt`` in place, never a truncate
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
 import zipfile
@@ -68,6 +69,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
         try:
+            if _is_local(path) and map_location in (None, "cpu"):
+                # Memory-mapped: the tensors are read as they are used, and the ranks of a node share the
+                # file's pages instead of each holding a copy. Tensors only: nothing is unpickled.
+                return torch.load(path, map_location="cpu", mmap=True, weights_only=weights_only is not False)
             return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
         except FileNotFoundError as err:
             raise CheckpointError(f"checkpoint {path} does not exist") from err
@@ -112,10 +117,54 @@ def checkpoint_stage(state_dict: dict[str, Any]) -> str | None:
     return None
 
 
+# Frozen parts (a stage-2 model's first stage, a frozen text encoder) are not stored in every checkpoint: a
+# checkpoint lists their keys here and a fingerprint of their weights, and they are taken from the model
+# rebuilt from the run's config (the export / pretrained weights they came from).
+OMITTED_KEYS = "frozen_state_omitted"
+OMITTED_HASH = "frozen_state_sha256"
+
+
+def tensors_hash(tensors: dict[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        digest.update(name.encode())
+        digest.update(tensors[name].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def omit_frozen_state(checkpoint: dict[str, Any], frozen: dict[str, torch.Tensor], fingerprint: str) -> None:
+    checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k not in frozen}
+    checkpoint[OMITTED_KEYS] = sorted(frozen)
+    checkpoint[OMITTED_HASH] = fingerprint
+
+
+def restore_frozen_state(checkpoint: dict[str, Any], module: nn.Module, fingerprint: Any = None) -> dict[str, torch.Tensor]:
+    """The checkpoint's state dict, completed with the frozen tensors it omitted, taken from ``module``.
+
+    ``fingerprint`` (a callable giving the hash of ``module``'s frozen tensors) is compared with the one the
+    checkpoint recorded, so a first-stage export rewritten since the checkpoint was taken fails loudly."""
+    state = dict(checkpoint["state_dict"])
+    omitted = checkpoint.get(OMITTED_KEYS) or []
+    if not omitted:
+        return state
+    own = module.state_dict()
+    missing = [k for k in omitted if k not in own]
+    if missing:
+        raise CheckpointError(f"the checkpoint omits frozen weights this model does not have: {missing[:6]}")
+    if fingerprint is not None and checkpoint.get(OMITTED_HASH) not in (None, fingerprint()):
+        raise CheckpointError(
+            "the frozen parts this checkpoint was trained with (first stage, frozen text encoder) differ from the "
+            "ones this run loaded: the export at first_stage.path (or the encoder's weights) changed since; point "
+            "first_stage.path at the export the run was started with"
+        )
+    state.update({k: own[k] for k in omitted})
+    return state
+
+
 def check_resume_checkpoint(path: str | os.PathLike, module: nn.Module, stage: str) -> None:
     """Fail before training when ``path`` cannot resume ``module`` (stage ``stage``): wrong stage, other keys
     or shapes. Lightning would only find out after data set-up, with a raw state-dict error."""
-    state = read_checkpoint(path)["state_dict"]
+    state = restore_frozen_state(read_checkpoint(path), module, getattr(module, "frozen_fingerprint", None))
     found = checkpoint_stage(state)
     if found is not None and found != stage:
         raise CheckpointError(

@@ -10,6 +10,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from ldm.config import register_resolvers
+from ldm.io.checkpoint_io import restore_frozen_state
 from ldm.io.export import ExportError, frozen, load_state_strict, read_export
 from ldm.lit.first_stage import FirstStage
 from ldm.sampling import LatentSampler
@@ -66,8 +67,8 @@ def load_ldm_checkpoint(path: str | Path, device: str | torch.device = "cpu", us
     if cfg.stage.name != "ldm":
         raise ExportError(f"{path} is a checkpoint of stage {cfg.stage.name!r}, not of a latent diffusion model")
     module = instantiate(cfg.stage.module)
-    state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
-    module.load_state_dict(state, strict=True)
+    checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    module.load_state_dict(restore_frozen_state(checkpoint, module, module.frozen_fingerprint), strict=True)
     module.to(device).eval()
     sampler = module.sampler(use_ema=use_ema)
     info = {"config": OmegaConf.to_container(cfg, resolve=True), "meta": {"kind": "ldm"}, "source": str(path)}

@@ -17,6 +17,7 @@ from torch import nn
 
 from ldm.config import ConfigError
 from ldm.diffusion.objective import DiffusionObjective
+from ldm.io.checkpoint_io import omit_frozen_state, restore_frozen_state, tensors_hash
 from ldm.lit import sharding
 from ldm.lit.ema import EMA, EMAConfig
 from ldm.lit.first_stage import FirstStage
@@ -111,6 +112,7 @@ class LatentDiffusionModule(pl.LightningModule):
         self.preview = preview or PreviewConfig()
         self.image_size: int | None = None
         self._preview_step = -1
+        self._frozen_hash: str | None = None
         if self.speed.compile_unet:
             self.unet.compile(mode=self.speed.compile_mode)
 
@@ -137,6 +139,9 @@ class LatentDiffusionModule(pl.LightningModule):
         if "tensor_parallel" in mesh.mesh_dim_names and mesh["tensor_parallel"].size() > 1:
             raise ConfigError("tensor parallelism is not implemented: set trainer.strategy.tensor_parallel_size=1")
         data_parallel = mesh["data_parallel"]
+        # This strategy loads a checkpoint into the sharded model before on_load_checkpoint can add the frozen
+        # tensors checkpoints omit; ldm-train has checked the checkpoint's keys at start-up (check_resume_checkpoint).
+        self.strict_loading = False
         units = self.speed.fsdp_units
         sharding.shard_module(self.unet, data_parallel, units)
         if self.ema is not None:
@@ -242,6 +247,26 @@ class LatentDiffusionModule(pl.LightningModule):
                                     guidance_rescale=self.preview.guidance_rescale)
             if self.trainer.is_global_zero:
                 log_image_grid(self.trainer, f"samples_cfg{scale:g}", images, nrow=nrow)
+
+    # --- checkpoints -------------------------------------------------------------------------------
+    def frozen_state(self) -> dict[str, torch.Tensor]:
+        """State of the parts that never train: the first stage and frozen conditioner encoders. Rebuilt from
+        their source on resume instead of stored in every checkpoint (about 1 GB at SD-1.5 size)."""
+        trainable = {f"conditioner.{n}" for n, p in self.conditioner.named_parameters() if p.requires_grad}
+        own = self.state_dict()
+        return {k: v for k, v in own.items()
+                if k.startswith("first_stage.") or (k.startswith("conditioner.") and k not in trainable)}
+
+    def frozen_fingerprint(self) -> str:
+        if self._frozen_hash is None:  # frozen: hashed once per run
+            self._frozen_hash = tensors_hash(self.frozen_state())
+        return self._frozen_hash
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        omit_frozen_state(checkpoint, self.frozen_state(), self.frozen_fingerprint())
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["state_dict"] = restore_frozen_state(checkpoint, self, self.frozen_fingerprint)
 
     # --- optimisation ----------------------------------------------------------------------------
     def trainable_parameters(self) -> list[nn.Parameter]:

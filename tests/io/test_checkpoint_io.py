@@ -154,3 +154,24 @@ def test_ckpt_last_picks_the_newest_of_last_and_a_slurm_requeue_checkpoint(tmp_p
     hpc.write_bytes(b"x")
     os.utime(last, ns=(1, 1))
     assert newest_resume_checkpoint(tmp_path) == hpc
+
+
+def test_frozen_state_is_omitted_from_checkpoints_and_restored_only_when_it_is_the_same():
+    from ldm.io.checkpoint_io import OMITTED_KEYS, omit_frozen_state, restore_frozen_state, tensors_hash
+
+    module = torch.nn.ModuleDict({"unet": torch.nn.Linear(2, 2), "first_stage": torch.nn.Linear(2, 3)})
+    frozen = {k: v for k, v in module.state_dict().items() if k.startswith("first_stage.")}
+    checkpoint = {"state_dict": dict(module.state_dict())}
+    omit_frozen_state(checkpoint, frozen, tensors_hash(frozen))
+    assert set(checkpoint["state_dict"]) == {"unet.weight", "unet.bias"}
+    assert checkpoint[OMITTED_KEYS] == ["first_stage.bias", "first_stage.weight"]
+
+    def fingerprint():
+        return tensors_hash({k: v for k, v in module.state_dict().items() if k.startswith("first_stage.")})
+
+    restored = restore_frozen_state(checkpoint, module, fingerprint)
+    assert restored.keys() == module.state_dict().keys()
+    with torch.no_grad():
+        module["first_stage"].weight.add_(1.0)  # the export changed since the checkpoint was written
+    with pytest.raises(CheckpointError, match="first_stage.path"):
+        restore_frozen_state(checkpoint, module, fingerprint)
