@@ -10,16 +10,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+import struct
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
-from safetensors.torch import load_file
 from torch.utils.data import DataLoader, Dataset
 
+from ldm import distributed
 from ldm.data.base import EpochShuffleSampler, ResumableDataLoader, data_parallel_share, sample_rng
-from ldm.io.export import save_tensors_atomic, write_text_atomic
+from ldm.data.mapped_tensors import MappedTensors, read_header
+from ldm.io.export import atomic_path, save_tensors_atomic, write_text_atomic
 
 CACHE_VERSION = 1
 METADATA = ("image_size", "channels", "num_classes", "class_names", "has_captions", "batch_size", "seed")
@@ -46,22 +49,25 @@ def dataset_fingerprint(dataset: Dataset, description: dict[str, Any]) -> str:
 
 
 class CachedLatentDataset(Dataset):
-    """Items ``{latent_mean, latent_std, label?, caption?}``; a flip is picked per (seed, epoch, index)."""
+    """Items ``{latent_mean, latent_std, label?, caption?}``; a flip is picked per (seed, epoch, index).
 
-    def __init__(self, tensors: dict[str, torch.Tensor], captions: list[str] | None, seed: int) -> None:
-        self.mean = tensors["mean"]  # (N, F, C, h, w); F = 2 when flips were encoded
-        self.std = tensors["std"]
-        self.labels = tensors.get("label")
+    The moments stay in the memory-mapped cache file: only the rows a batch uses are read."""
+
+    def __init__(self, tensors: MappedTensors, captions: list[str] | None, seed: int) -> None:
+        self.tensors = tensors  # mean/std: (N, F, C, h, w); F = 2 when flips were encoded
+        self.num_flips = tensors.shape("mean")[1]
+        self.labels = tensors.rows("label", slice(None)) if "label" in tensors else None
         self.captions = captions
         self.seed = seed
 
     def __len__(self) -> int:
-        return self.mean.shape[0]
+        return self.tensors.shape("mean")[0]
 
     def __getitem__(self, key) -> dict[str, Any]:
         index, rng = sample_rng(self.seed, key)
-        flip = int(rng.integers(self.mean.shape[1])) if self.mean.shape[1] > 1 else 0
-        item: dict[str, Any] = {"latent_mean": self.mean[index, flip], "latent_std": self.std[index, flip]}
+        flip = int(rng.integers(self.num_flips)) if self.num_flips > 1 else 0
+        item: dict[str, Any] = {"latent_mean": self.tensors.rows("mean", (index, flip)),
+                                "latent_std": self.tensors.rows("std", (index, flip))}
         if self.labels is not None:
             item["label"] = self.labels[index]
         if self.captions is not None:
@@ -82,12 +88,15 @@ def collate_latents(items: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def encode_dataset(dataset: Dataset, first_stage: Any, with_flips: bool, batch_size: int = 256):
-    """Posterior moments of every item, in index order. Captions are those of epoch 0."""
+def encode_dataset(dataset: Dataset, first_stage: Any, with_flips: bool, batch_size: int = 256,
+                   indices: range | None = None):
+    """Posterior moments of the items ``indices`` (all by default), in index order. Captions are those of
+    epoch 0."""
     means, stds, labels, captions = [], [], [], []
     device = first_stage.scale_factor.device
-    for start in range(0, len(dataset), batch_size):
-        items = [dataset[i] for i in range(start, min(len(dataset), start + batch_size))]
+    indices = range(len(dataset)) if indices is None else indices
+    for start in range(0, len(indices), batch_size):
+        items = [dataset[i] for i in indices[start : start + batch_size]]
         images = torch.stack([it["image"] for it in items]).to(device)  # (B, C, H, W)
         variants = [images, images.flip(-1)] if with_flips else [images]
         moments = [first_stage.encode_moments(x) for x in variants]
@@ -101,6 +110,26 @@ def encode_dataset(dataset: Dataset, first_stage: Any, with_flips: bool, batch_s
     if labels:
         tensors["label"] = torch.tensor(labels, dtype=torch.long)
     return tensors, (captions or None)
+
+
+def write_concatenated(path: Path, parts: list[Path]) -> None:
+    """One safetensors file whose tensors are those of ``parts`` concatenated along dim 0, streamed part by
+    part: the merging process never holds more than one part's tensor in memory."""
+    maps = [MappedTensors(p) for p in parts]
+    _, header = read_header(parts[0])
+    layout, offset = {}, 0
+    for name in sorted(header):
+        shape = [sum(m.shape(name)[0] for m in maps), *header[name]["shape"][1:]]
+        size = sum(m[name].nbytes for m in maps)
+        layout[name] = {"dtype": header[name]["dtype"], "shape": shape, "data_offsets": [offset, offset + size]}
+        offset += size
+    encoded = json.dumps(layout, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the data section starts 8-byte aligned
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(encoded)) + encoded)
+        for name in sorted(layout):
+            for m in maps:
+                f.write(np.ascontiguousarray(m[name]).tobytes())
 
 
 class LatentCacheDataModule(LightningDataModule):
@@ -141,17 +170,37 @@ class LatentCacheDataModule(LightningDataModule):
     def _load_or_build(self, split, dataset, ae_hash, description, flips, seed) -> CachedLatentDataset:
         path = self.cache_path(split, dataset, ae_hash, description)
         captions_path = path.with_suffix(".captions.json")
-        if path.is_file():
+        # Rank 0 decides for all: a rank that looked later could find the file the others are writing.
+        if distributed.broadcast_object(path.is_file()):
             self.hits += 1
-            tensors = load_file(str(path))
-            captions = json.loads(captions_path.read_text()) if captions_path.is_file() else None
         else:
             self.misses += 1
-            tensors, captions = encode_dataset(dataset, self.first_stage, with_flips=flips)
-            if captions is not None:
-                write_text_atomic(captions_path, json.dumps(captions))
-            save_tensors_atomic(path, tensors)  # last, so its presence means a complete cache
-        return CachedLatentDataset(tensors, captions, seed)
+            self._build(path, captions_path, dataset, flips)
+        captions = json.loads(captions_path.read_text()) if captions_path.is_file() else None
+        return CachedLatentDataset(MappedTensors(path), captions, seed)
+
+    def _build(self, path: Path, captions_path: Path, dataset: Dataset, flips: bool) -> None:
+        """Every rank encodes its contiguous share of the items on its own device into a part file; rank 0
+        joins the parts into the cache (captions first, the cache file last, so its presence means a
+        complete cache). Needs a folder every rank sees (a shared file system across nodes)."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None:
+            self.first_stage.to(trainer.strategy.root_device)  # before Lightning moves it: encode on the GPU
+        rank, world = distributed.rank(), distributed.world_size()
+        share = distributed.shard(len(dataset))
+        tensors, captions = encode_dataset(dataset, self.first_stage, with_flips=flips,
+                                           indices=range(share.start, share.stop))
+        part = path.with_name(f"{path.stem}.part{rank:05d}-of-{world:05d}.safetensors")
+        save_tensors_atomic(part, tensors)
+        all_captions = distributed.all_gather_objects(captions)  # in rank order, as the shares
+        if rank == 0:
+            if all_captions[0] is not None:
+                write_text_atomic(captions_path, json.dumps([c for part_captions in all_captions for c in part_captions]))
+            parts = [path.with_name(f"{path.stem}.part{r:05d}-of-{world:05d}.safetensors") for r in range(world)]
+            write_concatenated(path, parts)
+            for p in parts:
+                p.unlink()
+        distributed.barrier()
 
     def train_dataloader(self) -> DataLoader:
         batch_size = self.batch_size
