@@ -95,3 +95,42 @@ def test_clis_turn_bad_input_into_one_line(tmp_path, module, args, message):
                             capture_output=True, text=True, timeout=120, env={**__import__("os").environ, "HYDRA_FULL_ERROR": "0"})
     assert result.returncode == 2, result.stderr
     assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def _pickled_checkpoint(folder: Path) -> Path:
+    """A .ckpt as older Lightning wrote them: hyperparameters pickled as an argparse.Namespace, which a
+    weights-only load refuses (UnpicklingError, not a ValueError)."""
+    import argparse
+
+    import torch
+
+    path = folder / "run" / "checkpoints" / "pickled.ckpt"
+    path.parent.mkdir(parents=True)
+    torch.save({"state_dict": {"unet.w": torch.zeros(1)}, "hparams": argparse.Namespace(lr=1.0)}, path)
+    return path
+
+
+def _corrupt_image_folder(folder: Path) -> Path:
+    (folder / "images").mkdir()
+    (folder / "images" / "0.png").write_bytes(b"not a png")
+    return folder / "images"
+
+
+@pytest.mark.parametrize(("module", "key", "make", "message"), [
+    ("ldm.sample", "model_path", _pickled_checkpoint, "ldm-sample: error: {path} is not a readable checkpoint (UnpicklingError"),
+    ("ldm.evaluate", "model_path", _pickled_checkpoint, "ldm-evaluate: error: {path} is not a readable checkpoint (UnpicklingError"),
+    ("ldm.evaluate", "samples", _corrupt_image_folder, "ldm-evaluate: error: cannot identify image file"),
+], ids=["sample-pickled-ckpt", "evaluate-pickled-ckpt", "evaluate-corrupt-image"])
+def test_clis_turn_unreadable_files_into_one_line(tmp_path, module, key, make, message):
+    """Errors that are not ValueErrors (pickle's, PIL's) used to escape as Hydra's short traceback."""
+    import os
+    import subprocess
+    import sys
+
+    path = make(tmp_path)
+    result = subprocess.run([sys.executable, "-W", "ignore", "-m", module, f"{key}={path}", f"out_dir={tmp_path / 'out'}",
+                             f"paths.root_dir={tmp_path}"], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "HYDRA_FULL_ERROR": "0", "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith(message.format(path=path)), result.stderr
+    assert "Traceback" not in result.stderr and "HYDRA_FULL_ERROR=1 for a complete" not in result.stderr
