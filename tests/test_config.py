@@ -53,6 +53,25 @@ def test_misspelt_key_in_a_config_names_the_closest_valid_key(compose_cfg, tmp_p
         check_config(cfg)
 
 
+@pytest.mark.parametrize(("override", "message"), [
+    ("data.batch_size=abc", r"data.batch_size='abc' \(str\) does not fit: .*MNIST5kDataModule takes batch_size as int$"),
+    ("data.batch_size=8.5", r"data.batch_size=8.5 \(float\) does not fit"),
+    ("data.random_flip=3", r"data.random_flip=3 \(int\) does not fit: .* takes random_flip as bool"),
+    ("stage.module.ema.decay=abc", r"stage.module.ema.decay='abc' \(str\) does not fit: .*EMAConfig takes decay as float"),
+    ("+trainer.limit_val_batches=abc", r"trainer.limit_val_batches='abc' \(str\) does not fit: .* as int or float"),
+])
+def test_a_value_of_the_wrong_type_names_its_key(compose_cfg, tmp_path, override, message):
+    """An override is typed by its spelling: `batch_size=abc` used to reach the DataLoader as a str (TypeError)."""
+    with pytest.raises(ConfigError, match=message):
+        check_config(compose_cfg(["stage=ldm", override], tmp_path))
+
+
+def test_values_of_the_annotated_types_pass_the_type_check(compose_cfg, tmp_path):
+    # an int where a float is annotated, null where the constructor decides, a float limit_val_batches
+    check_config(compose_cfg(["stage=ldm", "stage.module.ema.decay=1", "first_stage.path=null",
+                              "+trainer.limit_val_batches=0.5"], tmp_path))
+
+
 def test_misspelt_override_is_refused_by_hydra(compose_cfg, tmp_path):
     with pytest.raises(ConfigCompositionException, match="max_step"):
         compose_cfg(["trainer.max_step=3"], tmp_path)
