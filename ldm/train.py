@@ -180,7 +180,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
         datamodule = LatentCacheDataModule(datamodule, module.first_stage, Path(cfg.paths.cache_dir) / "latents")
     callbacks = build_callbacks(cfg, out)
-    trainer: pl.Trainer = instantiate_checked(cfg.trainer, "trainer", callbacks=callbacks, logger=build_loggers(cfg) or False)
+    loggers = build_loggers(cfg)
+    if not loggers:
+        # logger=none: LearningRateMonitor would refuse the logger-less Trainer at fit start, and has
+        # nowhere to write to anyway.
+        callbacks = [c for c in callbacks if not isinstance(c, pl.callbacks.LearningRateMonitor)]
+    trainer: pl.Trainer = instantiate_checked(cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False)
     plan = batch_plan(cfg, trainer)
     if trainer.is_global_zero:
         log.info("batch: %(per_device)d per device x %(world_size)d devices x %(accumulate_grad_batches)d "
