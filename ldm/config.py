@@ -7,6 +7,8 @@ import difflib
 import inspect
 import os
 import sys
+import types
+import typing
 from datetime import datetime
 from typing import Any
 
@@ -144,6 +146,63 @@ def _check_target(node: DictConfig, target: str, where: str) -> None:
             close = difflib.get_close_matches(key, valid, n=1)
             hint = f" Did you mean {close[0]!r}?" if close else f" Valid keys: {', '.join(valid)}."
             raise ConfigError(f"{where}: {target} has no argument {key!r}.{hint}")
+    _check_value_types(node, target, where, fn, params)
+
+
+_SCALARS = (bool, int, float, str)
+
+
+def _scalar_types(annotation: Any) -> tuple[type, ...] | None:
+    """The scalar types a parameter annotated ``annotation`` accepts (``int | None`` -> (int, NoneType)), or
+    None where the annotation is not made of plain scalars (lists, modules, configs): those go unchecked."""
+    if annotation in _SCALARS:
+        return (annotation,)
+    origin = typing.get_origin(annotation)
+    if origin is typing.Literal:
+        return tuple({type(arg) for arg in typing.get_args(annotation)})
+    if origin in (typing.Union, types.UnionType):
+        accepted: list[type] = []
+        for arg in typing.get_args(annotation):
+            sub = (type(None),) if arg is type(None) else _scalar_types(arg)
+            if sub is None:
+                return None
+            accepted.extend(sub)
+        return tuple(accepted)
+    return None
+
+
+def _fits(value: Any, accepted: tuple[type, ...]) -> bool:
+    if isinstance(value, bool):  # bool is an int subclass: `batch_size: true` is a mistake
+        return bool in accepted
+    if isinstance(value, int):
+        return int in accepted or float in accepted
+    return isinstance(value, accepted)
+
+
+def _check_value_types(node: DictConfig, target: str, where: str, fn: Any, params: Any) -> None:
+    """A command-line override is typed by its spelling (``data.batch_size=abc`` is a str): check scalar
+    values against the constructor's annotations, so the error names the key instead of a TypeError from
+    deep inside the DataLoader minutes later."""
+    try:
+        hints = typing.get_type_hints(fn)
+    except Exception:  # an annotation naming a type-checking-only import: use whatever is not a string
+        hints = {name: p.annotation for name, p in params.items() if not isinstance(p.annotation, str)}
+    for key in node.keys():
+        key = str(key)
+        if key not in hints or OmegaConf.is_missing(node, key):
+            continue
+        try:
+            value = node[key]
+        except Exception:  # an interpolation that can't resolve yet is checked at instantiate time
+            continue
+        # null is left to the constructor: configs use it for "not set yet" (first_stage.path: null).
+        if value is None or isinstance(value, (DictConfig, ListConfig)):
+            continue
+        accepted = _scalar_types(hints[key])
+        if accepted is None or _fits(value, accepted):
+            continue
+        names = " or ".join(t.__name__ for t in accepted if t is not type(None))
+        raise ConfigError(f"{where}.{key}={value!r} ({type(value).__name__}) does not fit: {target} takes {key} as {names}")
 
 
 def instantiate_checked(node: DictConfig, where: str, **kwargs: Any) -> Any:

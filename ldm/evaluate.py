@@ -40,6 +40,9 @@ from ldm.metrics.suite import (
 register_resolvers()
 # An absolute path: relative ones would be resolved against the `ldm` package, where conf/ is not.
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+# Bad input: ValueError and its kin (ConfigError, ExportError), and OSError for the files the user names
+# (an unreadable image is PIL's UnidentifiedImageError, an OSError).
+USER_ERRORS = (ValueError, OSError)
 RECONSTRUCTION_METRICS = ("psnr", "ssim", "lpips", "fid")
 
 
@@ -230,7 +233,7 @@ def log_to_wandb(cfg: DictConfig, report: dict[str, Any]) -> None:
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="evaluate")
 def main(cfg: DictConfig) -> None:
-    with user_errors_as_messages("ldm-evaluate"):
+    with user_errors_as_messages("ldm-evaluate", USER_ERRORS):
         evaluate(cfg)
 
 

@@ -98,12 +98,40 @@ def ensure_base(base: Path, smoke: bool, env: dict[str, str], log_path: Path) ->
     return seconds
 
 
+# Smoke mode keeps this many values of each swept axis: enough to check that the axis changes the job
+# and that the report draws a line, without the full grid (the guidance sweep is 7 x 3 = 21 jobs).
+SMOKE_VALUES_PER_AXIS = 2
+
+
+def sweep_axes(study: dict[str, Any], phase: dict[str, Any]) -> dict[str, list[str]]:
+    """The phase's swept axes and their values, as its sweep config lists them (plain comma lists only;
+    a Hydra sweep function such as ``range(...)`` is kept as one opaque value)."""
+    sweep = OmegaConf.load(STUDIES_DIR / study["name"] / f"{phase['config']}.yaml")
+    params = OmegaConf.select(sweep, "hydra.sweeper.params") or {}
+    axes = {}
+    for key, values in params.items():
+        text = str(values)
+        axes[str(key)] = [text] if any(c in text for c in "([{'\"") else [v.strip() for v in text.split(",")]
+    return axes
+
+
+def smoke_axes(study: dict[str, Any], phase: dict[str, Any], given: list[str]) -> list[str]:
+    """Overrides that cut every swept axis that ``given`` leaves alone to its first and last values."""
+    set_keys = {a.split("=", 1)[0].lstrip("+~") for a in given if "=" in a}
+    cut = []
+    for key, values in sweep_axes(study, phase).items():
+        if key not in set_keys and len(values) > SMOKE_VALUES_PER_AXIS:
+            cut.append(f"{key}={values[0]},{values[-1]}")
+    return cut
+
+
 def phase_command(study: dict[str, Any], phase: dict[str, Any], *, base: Path, out: Path, smoke: bool,
                   launcher: str | None, jobs: int, extra: list[str]) -> list[str]:
     fmt = {"base": base, "out": out}
     args = [str(a).format(**fmt) for a in phase.get("overrides", [])]
     if smoke:
         args += [str(a).format(**fmt) for a in phase.get("smoke", [])]
+        args += smoke_axes(study, phase, [*args, *extra])
     if launcher == "joblib":
         args += ["hydra/launcher=joblib", f"hydra.launcher.n_jobs={jobs}"]
     elif launcher == "slurm":

@@ -25,6 +25,9 @@ from ldm.sampling import LatentEdit, LatentSampler, save_samples_npz, to_uint8_n
 register_resolvers()
 # An absolute path: relative ones would be resolved against the `ldm` package, where conf/ is not.
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+# Bad input: ValueError and its kin (ConfigError, ExportError), and OSError for the files the user names
+# (an unreadable image is PIL's UnidentifiedImageError, an OSError).
+USER_ERRORS = (ValueError, OSError)
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
 
@@ -173,7 +176,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="sample")
 def main(cfg: DictConfig) -> None:
-    with user_errors_as_messages("ldm-sample"):
+    with user_errors_as_messages("ldm-sample", USER_ERRORS):
         run(cfg)
 
 

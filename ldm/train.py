@@ -103,6 +103,7 @@ def check_config(cfg: DictConfig) -> None:
             check_constructor_keys(node, key)
     if cfg.stage.name == "ldm":
         check_sampling(cfg)
+        check_judge(cfg)
 
 
 def check_sampling(cfg: DictConfig) -> None:
@@ -117,6 +118,24 @@ def check_sampling(cfg: DictConfig) -> None:
     for key, scale in scales.items():
         if scale is not None and not float(scale) >= 0:
             raise ConfigError(f"{key}={scale} is out of range: guidance scales must be >= 0 (1 = no guidance)")
+
+
+JUDGES = ("mnist5k",)
+
+
+def check_judge(cfg: DictConfig) -> None:
+    """The final samples are judged after training: a judge that cannot read this data must fail now."""
+    judge = OmegaConf.select(cfg, "stage.final_samples.judge")
+    if judge is None or not OmegaConf.select(cfg, "stage.final_samples.enabled"):
+        return
+    if judge not in JUDGES:
+        raise ConfigError(f"stage.final_samples.judge={judge!r} is not a judge: use one of {list(JUDGES)} or null")
+    own = OmegaConf.select(cfg, "data.judge")
+    if judge != own:
+        data = OmegaConf.select(cfg, "data.name") or OmegaConf.select(cfg, "data._target_")
+        raise ConfigError(f"stage.final_samples.judge={judge} cannot judge samples of this data ({data}, whose "
+                          f"data.judge is {own}): set stage.final_samples.judge=null, or data.judge={judge} if "
+                          "the data is what that judge was trained on")
 
 
 def configure_backends(cfg: DictConfig) -> None:
@@ -161,7 +180,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
         datamodule = LatentCacheDataModule(datamodule, module.first_stage, Path(cfg.paths.cache_dir) / "latents")
     callbacks = build_callbacks(cfg, out)
-    trainer: pl.Trainer = instantiate_checked(cfg.trainer, "trainer", callbacks=callbacks, logger=build_loggers(cfg) or False)
+    loggers = build_loggers(cfg)
+    if not loggers:
+        # logger=none: LearningRateMonitor would refuse the logger-less Trainer at fit start, and has
+        # nowhere to write to anyway.
+        callbacks = [c for c in callbacks if not isinstance(c, pl.callbacks.LearningRateMonitor)]
+    trainer: pl.Trainer = instantiate_checked(cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False)
     plan = batch_plan(cfg, trainer)
     if trainer.is_global_zero:
         log.info("batch: %(per_device)d per device x %(world_size)d devices x %(accumulate_grad_batches)d "

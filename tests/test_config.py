@@ -53,6 +53,25 @@ def test_misspelt_key_in_a_config_names_the_closest_valid_key(compose_cfg, tmp_p
         check_config(cfg)
 
 
+@pytest.mark.parametrize(("override", "message"), [
+    ("data.batch_size=abc", r"data.batch_size='abc' \(str\) does not fit: .*MNIST5kDataModule takes batch_size as int$"),
+    ("data.batch_size=8.5", r"data.batch_size=8.5 \(float\) does not fit"),
+    ("data.random_flip=3", r"data.random_flip=3 \(int\) does not fit: .* takes random_flip as bool"),
+    ("stage.module.ema.decay=abc", r"stage.module.ema.decay='abc' \(str\) does not fit: .*EMAConfig takes decay as float"),
+    ("+trainer.limit_val_batches=abc", r"trainer.limit_val_batches='abc' \(str\) does not fit: .* as int or float"),
+])
+def test_a_value_of_the_wrong_type_names_its_key(compose_cfg, tmp_path, override, message):
+    """An override is typed by its spelling: `batch_size=abc` used to reach the DataLoader as a str (TypeError)."""
+    with pytest.raises(ConfigError, match=message):
+        check_config(compose_cfg(["stage=ldm", override], tmp_path))
+
+
+def test_values_of_the_annotated_types_pass_the_type_check(compose_cfg, tmp_path):
+    # an int where a float is annotated, null where the constructor decides, a float limit_val_batches
+    check_config(compose_cfg(["stage=ldm", "stage.module.ema.decay=1", "first_stage.path=null",
+                              "+trainer.limit_val_batches=0.5"], tmp_path))
+
+
 def test_misspelt_override_is_refused_by_hydra(compose_cfg, tmp_path):
     with pytest.raises(ConfigCompositionException, match="max_step"):
         compose_cfg(["trainer.max_step=3"], tmp_path)
@@ -95,3 +114,42 @@ def test_clis_turn_bad_input_into_one_line(tmp_path, module, args, message):
                             capture_output=True, text=True, timeout=120, env={**__import__("os").environ, "HYDRA_FULL_ERROR": "0"})
     assert result.returncode == 2, result.stderr
     assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def _pickled_checkpoint(folder: Path) -> Path:
+    """A .ckpt as older Lightning wrote them: hyperparameters pickled as an argparse.Namespace, which a
+    weights-only load refuses (UnpicklingError, not a ValueError)."""
+    import argparse
+
+    import torch
+
+    path = folder / "run" / "checkpoints" / "pickled.ckpt"
+    path.parent.mkdir(parents=True)
+    torch.save({"state_dict": {"unet.w": torch.zeros(1)}, "hparams": argparse.Namespace(lr=1.0)}, path)
+    return path
+
+
+def _corrupt_image_folder(folder: Path) -> Path:
+    (folder / "images").mkdir()
+    (folder / "images" / "0.png").write_bytes(b"not a png")
+    return folder / "images"
+
+
+@pytest.mark.parametrize(("module", "key", "make", "message"), [
+    ("ldm.sample", "model_path", _pickled_checkpoint, "ldm-sample: error: {path} is not a readable checkpoint (UnpicklingError"),
+    ("ldm.evaluate", "model_path", _pickled_checkpoint, "ldm-evaluate: error: {path} is not a readable checkpoint (UnpicklingError"),
+    ("ldm.evaluate", "samples", _corrupt_image_folder, "ldm-evaluate: error: cannot identify image file"),
+], ids=["sample-pickled-ckpt", "evaluate-pickled-ckpt", "evaluate-corrupt-image"])
+def test_clis_turn_unreadable_files_into_one_line(tmp_path, module, key, make, message):
+    """Errors that are not ValueErrors (pickle's, PIL's) used to escape as Hydra's short traceback."""
+    import os
+    import subprocess
+    import sys
+
+    path = make(tmp_path)
+    result = subprocess.run([sys.executable, "-W", "ignore", "-m", module, f"{key}={path}", f"out_dir={tmp_path / 'out'}",
+                             f"paths.root_dir={tmp_path}"], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "HYDRA_FULL_ERROR": "0", "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith(message.format(path=path)), result.stderr
+    assert "Traceback" not in result.stderr and "HYDRA_FULL_ERROR=1 for a complete" not in result.stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -19,14 +20,34 @@ STUDIES = ["f_factor", "prediction", "min_snr", "guidance", "samplers", "cache"]
 
 
 @pytest.fixture(scope="module")
-def smoke_env(tmp_path_factory) -> dict[str, Path]:
-    """A smoke base (a few steps of both stages) shared by the studies, and a shared cache folder."""
+def smoke_base(tmp_path_factory) -> dict:
+    """A smoke base (a few steps of both stages) shared by the studies, and a shared cache folder. The
+    variables the studies need are handed to each test (``smoke_env``), never set in this process."""
     root = tmp_path_factory.mktemp("studies")
-    os.environ["LDM_CACHE"] = str(root / "cache")  # the judge and reference statistics, computed once
-    os.environ["WANDB_MODE"] = "disabled"  # wandb's own run files are checked in a test of their own
+    variables = {
+        "LDM_CACHE": str(root / "cache"),  # the judge and reference statistics, computed once
+        "WANDB_MODE": "disabled",  # wandb's own run files are checked in a test of their own
+    }
     base = root / "base"
-    experiment.ensure_base(base, smoke=True, env=dict(os.environ), log_path=root / "base.log")
-    return {"root": root, "base": base}
+    experiment.ensure_base(base, smoke=True, env={**os.environ, **variables}, log_path=root / "base.log")
+    return {"root": root, "base": base, "variables": variables}
+
+
+@pytest.fixture
+def smoke_env(smoke_base, monkeypatch) -> dict:
+    """The smoke base, with its variables set for this test only (run_study passes os.environ on)."""
+    for key, value in smoke_base["variables"].items():
+        monkeypatch.setenv(key, value)
+    return smoke_base
+
+
+def smoke_values(phase: dict, key: str, values) -> list[str]:
+    """The values of one swept axis in smoke mode: the phase's smoke override, else at most two."""
+    given = next((o.split("=", 1)[1] for o in phase.get("smoke", []) if o.startswith(f"{key}=")), None)
+    if given is not None:
+        return given.split(",")
+    listed = str(values).split(",")
+    return [listed[0], listed[-1]] if len(listed) > 2 else listed
 
 
 def test_every_study_folder_is_shipped_and_documented():
@@ -52,10 +73,8 @@ def test_study_runs_in_smoke_mode_and_writes_its_report(smoke_env, name):
     for phase in study["phases"]:
         sweep = OmegaConf.load(ROOT / "experiments" / name / f"{phase['config']}.yaml")
         params = OmegaConf.to_container(sweep.hydra.sweeper.params)
-        expected_jobs = 1
-        for key, values in params.items():
-            smoke_value = next((o.split("=", 1)[1] for o in phase.get("smoke", []) if o.startswith(f"{key}=")), None)
-            expected_jobs *= len(str(smoke_value if smoke_value is not None else values).split(","))
+        expected_jobs = math.prod(len(smoke_values(phase, key, values)) for key, values in params.items())
+        assert expected_jobs <= 2 ** len(params)  # a smoke run is never the full grid
         jobs = sorted((out / phase["name"]).rglob("results.json"))
         assert len(jobs) == expected_jobs, f"{name}/{phase['name']}: {len(jobs)} jobs wrote results, expected {expected_jobs}"
         spec = next((s for s in specs if s.get("phase", study["phases"][-1]["name"]) == phase["name"]), None)
@@ -67,6 +86,8 @@ def test_study_runs_in_smoke_mode_and_writes_its_report(smoke_env, name):
             numbers = json.loads(job.read_text())
             missing = [m for m in spec["metrics"] if m not in numbers]
             assert not missing, f"{job} lacks {missing}: {sorted(numbers)}"
+            broken = {m: numbers[m] for m in spec["metrics"] if not math.isfinite(float(numbers[m]))}
+            assert not broken, f"{job} reports non-finite metrics {broken}"
     table = (out / "report" / "results.md").read_text()
     assert study["title"] in table
     assert "|" in table and "How this table was made" in table
@@ -78,6 +99,20 @@ def test_study_runs_in_smoke_mode_and_writes_its_report(smoke_env, name):
         assert not any(k.startswith("phase") for k in again["timings"])
         table_rows = [ln for ln in table.splitlines() if ln.startswith("|")]
         assert [ln for ln in (out / "again" / "results.md").read_text().splitlines() if ln.startswith("|")] == table_rows
+
+
+def test_smoke_mode_sweeps_two_values_per_axis_unless_told_otherwise():
+    study = load_study("guidance")
+    (phase,) = study["phases"]
+
+    def swept(smoke: bool, extra: list[str]) -> dict[str, str]:
+        cmd = experiment.phase_command(study, phase, base=Path("b"), out=Path("o"), smoke=smoke, launcher=None,
+                                       jobs=1, extra=extra)
+        return dict(a.split("=", 1) for a in cmd if a.split("=", 1)[0] in ("guidance_scale", "seed"))
+
+    assert swept(True, []) == {"guidance_scale": "1.0,9.0", "seed": "0,2"}  # the ends of 7 x 3 values
+    assert swept(True, ["guidance_scale=3.0"]) == {"guidance_scale": "3.0", "seed": "0,2"}  # the user's axis wins
+    assert swept(False, []) == {}  # the full grid of the sweep config
 
 
 def test_unknown_study_names_the_available_ones():

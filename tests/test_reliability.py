@@ -345,3 +345,41 @@ def test_signal_to_a_training_process_checkpoints_and_exits_then_resumes(vae_str
     results = train(compose_cfg([*overrides, f"trainer.max_steps={step + 2}", "ckpt_path=last"], run))
     assert load(run / "checkpoints" / "last.ckpt")["global_step"] == step + 2
     assert results["run_dir"] == str(run)
+
+
+def start_ldm_train(overrides: list[str], run: Path, cache: Path) -> subprocess.Popen:
+    """`python -m ldm.train` on one thread, importing this checkout's ldm (cwd and PYTHONPATH)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.Popen([sys.executable, "-m", "ldm.train", *overrides, f"hydra.run.dir={run}",
+                             f"paths.cache_dir={cache}"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def finish(process: subprocess.Popen, timeout: float = 300) -> None:
+    output, _ = process.communicate(timeout=timeout)
+    assert process.returncode == 0, output[-4000:]
+
+
+@pytest.mark.slow
+def test_stage2_killed_with_sigkill_then_resumed_equals_straight(vae_straight, tmp_path):
+    """No handler runs on SIGKILL: the run continues from the last checkpoint that reached the disk (last.ckpt,
+    written atomically at each validation), and the steps after it are redone. The result must equal a
+    straight run bit for bit: weights, EMA, optimizer moments, LR schedule, RNG streams and data position.
+    All three runs are subprocesses with the same thread count, so their float reductions agree."""
+    overrides = [*ldm_overrides(vae_straight / "export"), "stage.max_steps=8", "stage.val_check_interval=2"]
+    straight = start_ldm_train(overrides, tmp_path / "straight", tmp_path / "cache")
+    finish(straight)
+    run = tmp_path / "killed"
+    process = start_ldm_train(overrides, run, tmp_path / "cache")
+    wait_for(run / "checkpoints" / "last.ckpt", process)
+    process.kill()
+    process.communicate(timeout=60)
+    assert process.returncode == -signal.SIGKILL
+    killed_at = load(run / "checkpoints" / "last.ckpt")["global_step"]
+    assert 2 <= killed_at < 8, killed_at  # killed part-way, from a checkpoint ldm-train itself wrote
+    finish(start_ldm_train([*overrides, "ckpt_path=last"], run, tmp_path / "cache"))
+    assert load(run / "checkpoints" / "last.ckpt")["global_step"] == 8
+    assert_same_training_state(tmp_path / "straight" / "checkpoints" / "last.ckpt", run / "checkpoints" / "last.ckpt")
+    ema = [load(r / "checkpoints" / "last.ckpt")["state_dict"]["ema.num_updates"] for r in (tmp_path / "straight", run)]
+    assert int(ema[0]) == int(ema[1]) == 8

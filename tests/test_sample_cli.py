@@ -192,3 +192,23 @@ def test_evaluate_model_mode_generates_then_measures(export, tmp_path, request):
         assert stored["arr_0"].shape == (30, 32, 32, 1) and stored["labels"].tolist() == sorted(list(range(10)) * 3)
     assert json.loads((tmp_path / "manifest.json").read_text())["seed"] == 0
     assert torch.isfinite(torch.tensor(report["metrics"]["fid"]["value"]))
+
+
+def test_a_checkpoint_loads_with_its_run_config_and_one_of_another_model_is_refused(export, tmp_path):
+    """model_path=<run>/checkpoints/last.ckpt rebuilds the model from <run>/config.yaml: the EMA UNet equals
+    the export's; a checkpoint beside a config of another model size names the mismatch (no RuntimeError)."""
+    from ldm.io.export import ExportError
+
+    ckpt = export.parent / "checkpoints" / "last.ckpt"
+    from_ckpt, _ = load_ldm(ckpt, use_ema=True)
+    from_export, _ = load_ldm(export)
+    theirs = from_export.unet.state_dict()
+    assert all(torch.equal(v, theirs[k]) for k, v in from_ckpt.unet.state_dict().items())
+    other = tmp_path / "run"
+    (other / "checkpoints").mkdir(parents=True)
+    (other / "checkpoints" / "last.ckpt").write_bytes(ckpt.read_bytes())
+    config = OmegaConf.load(export.parent / "config.yaml")
+    config.stage.module.unet.model_channels = 2 * config.stage.module.unet.model_channels
+    OmegaConf.save(config, other / "config.yaml")
+    with pytest.raises(ExportError, match=r"do not fit LatentDiffusionModule(.|\n)*shape of ema.model.input_blocks.0.0.weight: checkpoint \(32, 3, 3, 3\) vs model \(64"):
+        load_ldm(other / "checkpoints" / "last.ckpt")

@@ -100,3 +100,26 @@ def test_an_inpainting_model_samples_from_image_and_mask(stage1, compose_cfg, tm
     assert np.load(tmp_path / "s" / "samples.npz")["arr_0"].shape == (3, 32, 32, 1)
     with pytest.raises(ConfigError, match="inpainting model.*init_images"):
         run(missing)
+
+
+def test_the_stage2_export_holds_the_ema_weights_not_the_live_unet(stage1, compose_cfg, tmp_path):
+    """Samplers downstream (ldm-sample, diffusers) read model.diffusion_model.* as the model: it must be the
+    EMA. decay 0.9 from the first step keeps the average visibly behind the live weights after 4 steps."""
+    from safetensors.torch import load_file
+
+    vae_out, _ = stage1
+    train(compose_cfg(["stage=ldm", "model/ldm=unet_tiny", f"first_stage.path={vae_out / 'export'}", *FAST,
+                       "stage.final_samples.enabled=false", "stage.module.ema.decay=0.9",
+                       "stage.module.ema.warmup_steps=1"], tmp_path))
+    exported = {k.removeprefix("model.diffusion_model."): v
+                for k, v in load_file(str(tmp_path / "export" / "model.safetensors")).items()
+                if k.startswith("model.diffusion_model.")}
+    state = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
+    assert int(state["ema.num_updates"]) == 4
+    ema = {k.removeprefix("ema.model."): v for k, v in state.items() if k.startswith("ema.model.")}
+    live = {k.removeprefix("unet."): v for k, v in state.items() if k.startswith("unet.")}
+    assert exported.keys() == ema.keys() == live.keys()
+    for key in exported:
+        assert torch.equal(exported[key], ema[key]), f"export's {key} is not the EMA's"
+    moved = [k for k in live if live[k].is_floating_point() and not torch.equal(live[k], ema[k])]
+    assert len(moved) > len(live) // 2  # so equality with the EMA above says something

@@ -341,10 +341,12 @@ class ImageDataModule(LightningDataModule):
     """Base DataModule: subclasses fill ``train_dataset``/``val_dataset`` and the metadata in ``setup``.
 
     Metadata every model may read: ``channels``, ``image_size``, ``num_classes`` (``None`` when
-    unlabelled), ``class_names`` and ``has_captions``.
+    unlabelled), ``class_names`` and ``has_captions``; and ``judge``, the classifier that can judge
+    class-conditional samples of this data (``mnist5k``: the digit judge), or None: stage 2's final
+    samples default to it (``stage.final_samples.judge: ${data.judge}``).
     """
 
-    def __init__(self, batch_size: int, num_workers: int, seed: int) -> None:
+    def __init__(self, batch_size: int, num_workers: int, seed: int, judge: str | None = None) -> None:
         super().__init__()
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -353,6 +355,7 @@ class ImageDataModule(LightningDataModule):
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.seed = seed
+        self.judge = judge
         self.train_dataset: Dataset | None = None
         self.val_dataset: Dataset | None = None
         self.num_classes: int | None = None

@@ -224,8 +224,9 @@ class ImageFolderDataModule(ImageDataModule):
         labels_from_subfolders: bool = False,
         captions: bool = True,
         scan: FolderScanOptions | Mapping | None = None,
+        judge: str | None = None,
     ) -> None:
-        super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed)
+        super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed, judge=judge)
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"val_fraction must lie in [0, 1), got {val_fraction}")
         if scan is None:

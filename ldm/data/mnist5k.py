@@ -76,8 +76,9 @@ class MNIST5kDataModule(ImageDataModule):
         val_fraction: float = 0.1,
         seed: int = 0,
         random_flip: bool = False,
+        judge: str | None = "mnist5k",
     ) -> None:
-        super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed)
+        super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed, judge=judge)
         if resize_mode not in ("pad", "resize"):
             raise ValueError(f"resize_mode must be 'pad' or 'resize', got {resize_mode!r}")
         if image_size <= 0:

@@ -54,8 +54,9 @@ class TorchvisionDataModule(ImageDataModule):
         random_flip: bool = False,
         resize_mode: str = "pad",
         celeba_crop: int = 140,
+        judge: str | None = None,
     ) -> None:
-        super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed)
+        super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed, judge=judge)
         name = name.lower()
         if name not in DATASET_NAMES:
             raise ValueError(f"name must be one of {DATASET_NAMES}, got {name!r}")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pickle
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +16,9 @@ from ldm.io.checkpoint_io import restore_frozen_state
 from ldm.io.export import ExportError, frozen, load_state_strict, read_export
 from ldm.lit.first_stage import FirstStage
 from ldm.sampling import LatentSampler
+
+# What torch.load raises for a file that is not a weights-only torch checkpoint.
+_READ_ERRORS = (RuntimeError, pickle.UnpicklingError, EOFError, zipfile.BadZipFile, OSError, ValueError)
 
 
 def _split(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
@@ -60,6 +65,17 @@ def load_ldm_checkpoint(path: str | Path, device: str | torch.device = "cpu", us
     path = Path(path)
     if not path.is_file():
         raise ExportError(f"checkpoint {path} does not exist")
+    # Read first: a pickled, truncated or foreign file is the likelier mistake than a missing config.yaml,
+    # and torch's own errors for it (UnpicklingError, RuntimeError) would escape the CLI as a traceback.
+    try:
+        checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except _READ_ERRORS as err:
+        reason = (str(err).strip().splitlines() or [""])[0].split(". ")[0][:120]  # torch's run on for lines
+        raise ExportError(f"{path} is not a readable checkpoint ({type(err).__name__}: {reason}): it is truncated, "
+                          "corrupt, or pickles objects, which ldm never loads; give an export folder or a "
+                          "<run>/checkpoints/*.ckpt written by ldm-train") from err
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
+        raise ExportError(f"{path} holds no Lightning state_dict: give an export folder or a checkpoint of ldm-train")
     run_config = path.parent.parent / "config.yaml"
     if not run_config.is_file():
         raise ExportError(f"{run_config} is missing: a checkpoint is loaded with the config of the run that wrote it")
@@ -67,8 +83,7 @@ def load_ldm_checkpoint(path: str | Path, device: str | torch.device = "cpu", us
     if cfg.stage.name != "ldm":
         raise ExportError(f"{path} is a checkpoint of stage {cfg.stage.name!r}, not of a latent diffusion model")
     module = instantiate(cfg.stage.module)
-    checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    module.load_state_dict(restore_frozen_state(checkpoint, module, module.frozen_fingerprint), strict=True)
+    load_state_strict(module, restore_frozen_state(checkpoint, module, module.frozen_fingerprint), str(path))
     module.to(device).eval()
     sampler = module.sampler(use_ema=use_ema)
     info = {"config": OmegaConf.to_container(cfg, resolve=True), "meta": {"kind": "ldm"}, "source": str(path)}

@@ -144,6 +144,30 @@ def test_compvis_single_file_reads_back_in_diffusers_and_ours(tmp_path, variant)
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
+def test_compvis_single_file_loads_with_diffusers_from_single_file(tmp_path, variant, monkeypatch):
+    """What a diffusers user runs on the file: ``from_single_file`` with our yaml as ``original_config``.
+    Offline: local files only, and any connection attempt (a hub config fetch) fails the test."""
+    import socket
+
+    def no_network(*args, **kwargs):
+        raise AssertionError(f"from_single_file tried to connect: {args}")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    unet, autoencoder, _ = _make_export(tmp_path / "export", variant)
+    target = tmp_path / "out" / "model.safetensors"
+    assert main([str(tmp_path / "export"), "--compvis", str(target), "--diffusers", str(tmp_path / "d")]) == 0
+    unet_kwargs = vae_kwargs = {"original_config": str(target.with_suffix(".yaml")), "local_files_only": True}
+    if VARIANTS[variant]["unet"].get("use_scale_shift_norm"):
+        # diffusers' yaml reader ignores CompVis' use_scale_shift_norm (AdaGN): the architecture then comes
+        # from the config ldm-export --diffusers wrote; the weights still come from the single file.
+        unet_kwargs = {"config": str(tmp_path / "d"), "subfolder": "unet", "local_files_only": True}
+    their_unet = diffusers.UNet2DConditionModel.from_single_file(str(target), **unet_kwargs).eval()
+    their_vae = diffusers.AutoencoderKL.from_single_file(str(target), **vae_kwargs).eval()
+    assert their_vae.config.scaling_factor == pytest.approx(0.7)
+    _assert_same_models(unet, autoencoder, their_unet, their_vae)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
 def test_diffusers_folder_loads_in_diffusers_with_same_outputs_and_schedule(tmp_path, variant):
     unet, autoencoder, schedule = _make_export(tmp_path / "export", variant)
     folder = tmp_path / "diffusers"
