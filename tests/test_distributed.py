@@ -45,6 +45,7 @@ class RankRecorder(pl.Callback):
     def __init__(self, folder: str) -> None:
         self.folder = Path(folder)
         self.timesteps: list[list[int]] = []
+        self.losses: list[float] = []
 
     def on_train_start(self, trainer, pl_module) -> None:
         objective, draw = pl_module.objective, pl_module.objective.sample_timesteps
@@ -57,8 +58,14 @@ class RankRecorder(pl.Callback):
 
         objective.sample_timesteps = recording
 
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.losses.append(float(outputs["loss"]))
+
     def on_train_end(self, trainer, pl_module) -> None:
+        datamodule = trainer.datamodule
         record = {
+            "losses": self.losses,
+            "cache": {"hits": getattr(datamodule, "hits", None), "misses": getattr(datamodule, "misses", None)},
             "rank": trainer.global_rank,
             "world_size": trainer.world_size,
             "global_step": trainer.global_step,
@@ -303,3 +310,26 @@ def test_slurm_requeue_signal_checkpoints_every_rank_requeues_and_the_requeued_j
     outputs = finish(resumed)
     assert [p.returncode for p in resumed] == [0, 0], "\n".join(o[-3000:] for o in outputs)
     assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == step + 2
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_latent_cache_is_built_once_across_ranks_and_trains_as_without_it(stage1_export, ddp_runs, tmp_path):
+    """Under DDP each rank encodes its share of the data set into a part file, rank 0 joins them into one cache
+    file per split, and a second run reads it; training from the cache gives the same losses as encoding
+    on the fly (the same per-rank noise draws the same posterior samples from the same moments)."""
+    cache = tmp_path / "cache"
+    runs = [tmp_path / "first", tmp_path / "second"]
+    for out in runs:
+        run_train(ldm_overrides(stage1_export, out, "trainer=ddp_sim", "stage.latent_cache=true",
+                                f"paths.cache_dir={cache}", "stage.final_samples.enabled=false"), timeout=400)
+    first, second = recorded(runs[0]), recorded(runs[1])
+    assert [r["cache"] for r in first] == [{"hits": 0, "misses": 2}] * 2  # train and val built, by both ranks
+    assert [r["cache"] for r in second] == [{"hits": 2, "misses": 0}] * 2
+    files = sorted(p.name for p in (cache / "latents").iterdir())
+    assert not [f for f in files if ".part" in f or f.endswith(".tmp")]  # the parts were joined and removed
+    assert [f.split("-")[1] for f in files if f.endswith(".safetensors")] == ["train", "val"]
+    assert first[0]["losses"] == second[0]["losses"]
+    on_the_fly = recorded(ddp_runs[0])
+    for cached, encoded in zip(first, on_the_fly):
+        torch.testing.assert_close(torch.tensor(cached["losses"]), torch.tensor(encoded["losses"]), rtol=1e-4, atol=1e-6)

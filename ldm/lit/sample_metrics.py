@@ -32,6 +32,7 @@ class SampleMetricsCallback(pl.Callback):
         every_n_steps: measure when ``global_step`` is a positive multiple of this; 0 = only at the end.
         per_class: samples per class (the count behind each metric is logged next to it).
         guidance_scale: classifier-free guidance scale used for the set.
+        guidance_rescale: Lin et al. (2024) guidance rescale phi in [0, 1] (0 = plain CFG).
         sampler: sampler settings as in ``conf/sampler`` (e.g. ``{name: ddim, steps: 50}``); None = DDIM 50.
         metrics: any of ``accuracy``, ``fid``, ``kid``, ``pr`` (and ``is``/``clip_score`` where available).
         seed: seed of the sampling noise; fixed so successive measurements differ only by the model.
@@ -48,6 +49,7 @@ class SampleMetricsCallback(pl.Callback):
         every_n_steps: int = 1000,
         per_class: int = 10,
         guidance_scale: float = 3.0,
+        guidance_rescale: float = 0.0,
         sampler: dict[str, Any] | None = None,
         metrics: list[str] | tuple[str, ...] = ("accuracy", "fid", "kid"),
         seed: int = 1234,
@@ -66,6 +68,7 @@ class SampleMetricsCallback(pl.Callback):
         if unknown:
             raise ValueError(f"unknown metrics {unknown}; choose from {list(SAMPLE_METRICS)}")
         self.every_n_steps, self.per_class, self.guidance_scale = int(every_n_steps), int(per_class), float(guidance_scale)
+        self.guidance_rescale = float(guidance_rescale)
         self.sampler_cfg = dict(sampler) if sampler is not None else None
         self.metrics, self.seed, self.batch_size = [str(m) for m in metrics], int(seed), int(batch_size)
         self.at_train_end, self.prefix = bool(at_train_end), prefix
@@ -115,7 +118,8 @@ class SampleMetricsCallback(pl.Callback):
         try:
             conditions = self.conditions(trainer, pl_module)
             images = sample_sharded(sampler, conditions, int(pl_module.image_size), self.seed, sampler=self.sampler_cfg,
-                                    guidance_scale=self.guidance_scale, batch_size=self.batch_size)
+                                    guidance_scale=self.guidance_scale, guidance_rescale=self.guidance_rescale,
+                                    batch_size=self.batch_size)
         finally:
             sampler.unet.train(was_training)
         return distributed.on_rank_zero(lambda: self._measure_set(images, conditions, trainer.global_step),

@@ -227,6 +227,16 @@ def test_previews_and_final_samples_pass_guidance_rescale(monkeypatch, tmp_path,
     sampling.write_final_samples(module, SimpleNamespace(num_classes=3, image_size=8), tmp_path / "final", cfg)
     assert recorder.calls == [{"guidance_scale": 3.0, "guidance_rescale": 0.4}]
 
+    from ldm.lit.sample_metrics import SampleMetricsCallback
+
+    recorder.calls = []
+    callback = SampleMetricsCallback(guidance_scale=2.0, guidance_rescale=0.7, per_class=1, metrics=["accuracy"],
+                                     cache_dir=str(tmp_path))
+    monkeypatch.setattr(callback, "_measure_set", lambda *a: {"val/accuracy": 1.0})
+    module = SimpleNamespace(image_size=8, sampler=lambda: recorder, conditioner=recorder.conditioner)
+    callback.compute(SimpleNamespace(global_step=1, datamodule=None), module)
+    assert recorder.calls == [{"guidance_scale": 2.0, "guidance_rescale": 0.7}]
+
 
 def test_sdedit_under_a_karras_sampler_falls_back_to_discrete_timesteps(caplog):
     # sampler=heun (the Karras default) used to raise for img2img: an edit starts at a discrete timestep.
