@@ -22,6 +22,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from ldm import distributed
 from ldm.config import ConfigError, register_resolvers, sweep_tags, user_errors_as_messages
 from ldm.io.export import write_text_atomic
 from ldm.metrics import (
@@ -46,13 +47,16 @@ USER_ERRORS = (ValueError, OSError)
 RECONSTRUCTION_METRICS = ("psnr", "ssim", "lpips", "fid")
 
 
-def generate(cfg: DictConfig, out_dir: Path) -> SampleSet:
-    """Model mode: sample with the ldm-sample settings, keep the samples (npz + manifest), return them."""
+def generate(cfg: DictConfig, out_dir: Path) -> SampleSet | None:
+    """Model mode: sample with the ldm-sample settings, keep the samples (npz + manifest), return them.
+
+    Under ``torchrun --nproc_per_node=N -m ldm.evaluate model_path=...`` every rank draws a share of the set
+    (seed + rank, on its own GPU); rank 0 gets the whole set back and measures it, the others return None."""
     from ldm.io.load import load_ldm
     from ldm.sample import build_conditions, file_hash
-    from ldm.sampling import class_conditions, save_samples_npz, write_manifest
+    from ldm.sampling import class_conditions, sample_sharded, save_samples_npz, write_manifest
 
-    sampler, info = load_ldm(Path(str(cfg.model_path)), device(), bool(cfg.use_ema))
+    sampler, info = load_ldm(Path(str(cfg.model_path)), distributed.local_device(), bool(cfg.use_ema))
     sampler_cfg = OmegaConf.to_container(cfg.sampler) if cfg.get("sampler") else dict(info["config"]["sampler"])
     image_size = int(cfg.image_size or info["config"]["data"]["image_size"])
     keys = set(getattr(sampler.conditioner, "input_keys", ()))
@@ -63,19 +67,23 @@ def generate(cfg: DictConfig, out_dir: Path) -> SampleSet:
         conditions = class_conditions(10, int(cfg.n), held_out_prompt)
     else:
         conditions = build_conditions(cfg, sampler)
-    generator = torch.Generator(device=sampler.device).manual_seed(int(cfg.seed))
     count = len(next(iter(conditions.values())))
-    print(f"generating {count} samples with {sampler_cfg}", flush=True)
+    world = distributed.world_size()
+    if distributed.rank() == 0:
+        print(f"generating {count} samples with {sampler_cfg} on {world} process(es)", flush=True)
     unet_calls = []  # one entry per UNet forward: the measured cost of a sampler, whatever its design
     hook = sampler.unet.register_forward_hook(lambda *_: unet_calls.append(1))
     started = time.perf_counter()
     try:
-        images = sampler.sample(conditions, image_size, dict(sampler_cfg), float(cfg.guidance_scale), generator,
-                                int(cfg.batch_size), guidance_rescale=float(cfg.guidance_rescale))
+        images = sample_sharded(sampler, conditions, image_size, int(cfg.seed), sampler=dict(sampler_cfg),
+                                guidance_scale=float(cfg.guidance_scale), batch_size=int(cfg.batch_size),
+                                guidance_rescale=float(cfg.guidance_rescale))
     finally:
         hook.remove()
     seconds = time.perf_counter() - started
-    batches = math.ceil(count / int(cfg.batch_size))
+    if distributed.rank() != 0:
+        return None
+    batches = math.ceil(math.ceil(count / world) / int(cfg.batch_size))  # this rank's batches
     # CFG runs the conditional and unconditional halves in one batched call, so a call is one NFE here.
     cost = {"nfe": len(unet_calls) / batches, "generate_s": seconds, "images_per_s": count / seconds}
     labels, prompts = conditions.get("label"), conditions.get("caption")
@@ -83,7 +91,7 @@ def generate(cfg: DictConfig, out_dir: Path) -> SampleSet:
     write_manifest(out_dir / "manifest.json", {
         "command": OmegaConf.to_container(cfg, resolve=True), "sampler": sampler_cfg, "seed": int(cfg.seed),
         "guidance_scale": float(cfg.guidance_scale), "guidance_rescale": float(cfg.guidance_rescale),
-        "image_size": image_size, "model": str(cfg.model_path),
+        "image_size": image_size, "model": str(cfg.model_path), "world_size": world,
         "model_sha256": file_hash(Path(str(cfg.model_path))), "cost": cost,
     })
     samples = load_samples(npz)
@@ -187,12 +195,18 @@ def check_config(cfg: DictConfig) -> str:
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Run the configured evaluation; writes ``metrics.json`` to ``out_dir`` and returns the report."""
     mode = check_config(cfg)
+    # Under torchrun the ranks share the sampling of model mode; the rest is rank 0's alone.
+    distributed.init_from_environment()
+    if mode != "model_path" and distributed.rank() != 0:
+        return {}
     out_dir = Path(str(cfg.out_dir))
     out_dir.mkdir(parents=True, exist_ok=True)
     if mode == "autoencoder":
         report = evaluate_autoencoder(cfg)
     else:
         samples = load_samples(cfg.samples) if mode == "samples" else generate(cfg, out_dir)
+        if samples is None:
+            return {}  # a rank other than 0 has drawn its share
         report = evaluate_samples(cfg, samples)
     report["summary"] = summary_line(report["metrics"], report["skipped"])
     text = json.dumps(report, indent=2, sort_keys=True)

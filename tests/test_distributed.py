@@ -333,3 +333,31 @@ def test_latent_cache_is_built_once_across_ranks_and_trains_as_without_it(stage1
     on_the_fly = recorded(ddp_runs[0])
     for cached, encoded in zip(first, on_the_fly):
         torch.testing.assert_close(torch.tensor(cached["losses"]), torch.tensor(encoded["losses"]), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.timeout(600)
+def test_ldm_evaluate_under_torchrun_splits_the_samples_and_measures_them_once(ddp_runs, tmp_path):
+    """`torchrun --nproc_per_node=2 -m ldm.evaluate model_path=...`: each rank draws half the set (seed + rank),
+    rank 0 measures the whole set. With DDIM (deterministic given the start noise) rank 0's half is exactly
+    the first half that one process draws with the same seed."""
+    import numpy as np
+
+    args = [f"model_path={ddp_runs[0] / 'export'}", "n=3", "sampler=ddim", "sampler.steps=4", "guidance_scale=2",
+            "metrics=[accuracy,fid]", "batch_size=64"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    single, multi = tmp_path / "single", tmp_path / "multi"
+    for out, launcher in ((single, []), (multi, ["-m", "torch.distributed.run", "--nproc_per_node=2",
+                                                   f"--master_port={free_port()}"])):
+        cmd = [sys.executable, *launcher, "-m", "ldm.evaluate", *args, f"out_dir={out}"]
+        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    with np.load(single / "samples.npz") as a, np.load(multi / "samples.npz") as b:
+        assert a["arr_0"].shape == b["arr_0"].shape == (30, 32, 32, 1)
+        assert a["labels"].tolist() == b["labels"].tolist()
+        half = 15
+        diff = np.abs(a["arr_0"][:half].astype(int) - b["arr_0"][:half].astype(int))
+        assert diff.max() <= 1  # the same start noise, batch sizes 30 vs 15: rounding only
+        assert np.abs(a["arr_0"][half:].astype(int) - b["arr_0"][half:].astype(int)).mean() > 1  # rank 1: seed + 1
+    report = json.loads((multi / "metrics.json").read_text())
+    assert report["metrics"]["accuracy"]["n"] == 30 and report["metrics"]["fid"]["n"] == 30
+    assert json.loads((multi / "manifest.json").read_text())["world_size"] == 2
