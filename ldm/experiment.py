@@ -86,10 +86,12 @@ def run_command(cmd: list[str], env: dict[str, str], log_path: Path) -> float:
     return seconds
 
 
-def ensure_base(base: Path, smoke: bool, env: dict[str, str], log_path: Path) -> dict[str, float]:
-    """Train the base models unless ``base`` already holds them (e.g. from ``make train``)."""
+def ensure_base(base: Path, smoke: bool, env: dict[str, str], log_path: Path,
+                stages: Sequence[str] = ("vae", "ldm")) -> dict[str, float]:
+    """Train the base models unless ``base`` already holds them (e.g. from ``make train``); ``stages``:
+    which of them the study needs (``base: vae`` in study.yaml: only the autoencoder)."""
     seconds = {}
-    for stage in ("vae", "ldm"):
+    for stage in stages:
         if (base / stage / "export" / "config.yaml").is_file():
             continue
         args = [a.format(base=base) for a in BASE_COMMANDS[stage] + (SMOKE_BASE[stage] if smoke else [])]
@@ -167,7 +169,9 @@ def run_study(name: str, *, smoke: bool = False, base: Path | None = None, out: 
         # Parallel jobs share the cores: more threads than cores made one step ~10x slower here.
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max(1, jobs))))
     log_path = out / "experiment.log"
-    timings = ensure_base(base, smoke, env, log_path) if study.get("base", True) else {}
+    needs = study.get("base", True)
+    stages = ("vae",) if needs == "vae" else ("vae", "ldm")
+    timings = ensure_base(base, smoke, env, log_path, stages) if needs else {}
     for phase in study["phases"]:
         if phase["name"] in skip:
             if not (out / phase["name"]).is_dir():

@@ -40,7 +40,7 @@ def test_stage1_trains_and_exports_a_loadable_autoencoder(stage1):
     torch.testing.assert_close(autoencoder.decode(autoencoder.encode(x).mode()), fresh.decode(fresh.encode(x).mode()))
 
 
-@pytest.mark.parametrize("cond", ["class", "none", "text", "inpaint", "class_text"])
+@pytest.mark.parametrize("cond", ["class", "none", "text", "inpaint", "class_text", "class_hybrid"])
 def test_stage2_trains_on_the_export_for_each_conditioner(stage1, compose_cfg, tmp_path, cond):
     vae_out, _ = stage1
     cfg = compose_cfg(
