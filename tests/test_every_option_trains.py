@@ -37,6 +37,7 @@ def fit_one_step(cfg, batch: dict) -> pl.LightningModule:
     module = instantiate_checked(cfg.stage.module, "stage.module")
     before = {k: p.detach().clone() for k, p in module.named_parameters() if p.requires_grad}
     trainer = pl.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
+                         default_root_dir=cfg.paths.output_dir,  # image grids go there, not into the repository
                          enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
                          num_sanity_val_steps=0)
     trainer.fit(module, train_dataloaders=DataLoader([batch], batch_size=None))
