@@ -60,7 +60,7 @@ class SpeedConfig:
     compile_mode: str = "default"
     channels_last: bool = False
     vae_chunk_size: int | None = None
-    fsdp_units: tuple[str, ...] = ("ResBlock", "SpatialTransformer")
+    fsdp_units: tuple[str, ...] = ("ResBlock", "SpatialTransformer", "DiTBlock")
 
 
 def check_compatibility(unet: nn.Module, conditioner: nn.Module, first_stage: FirstStage) -> None:
