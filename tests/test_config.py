@@ -153,3 +153,14 @@ def test_clis_turn_unreadable_files_into_one_line(tmp_path, module, key, make, m
     assert result.returncode == 2, result.stderr
     assert result.stderr.startswith(message.format(path=path)), result.stderr
     assert "Traceback" not in result.stderr and "HYDRA_FULL_ERROR=1 for a complete" not in result.stderr
+
+
+def test_the_default_recipe_is_the_one_experiments_recipe_chose(compose_cfg, tmp_path):
+    """make train's composition: LDM's scaled_linear schedule, DPM-Solver++(2M) at 20 steps, CFG 2, lr 1e-3,
+    1000 stage-2 steps (experiments/recipe/README.md has the measurements behind each)."""
+    cfg = compose_cfg(["stage=ldm"], tmp_path)
+    assert cfg.schedule.kind == "scaled_linear"
+    assert (cfg.sampler.name, cfg.sampler.steps) == ("dpmpp_2m", 20)
+    assert cfg.stage.final_samples.guidance_scale == 1.75 and list(cfg.stage.module.preview.guidance_scales) == [1.0, 1.75]
+    assert cfg.model.ldm.lr == 1e-3 and cfg.stage.max_steps == 1000
+    assert cfg.objective.prediction == "eps"
