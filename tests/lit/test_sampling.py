@@ -225,7 +225,7 @@ def test_previews_and_final_samples_pass_guidance_rescale(monkeypatch, tmp_path,
     module = SimpleNamespace(sampler=lambda: recorder, conditioner=recorder.conditioner, ema=None)
     cfg.stage.final_samples.per_class = 1
     sampling.write_final_samples(module, SimpleNamespace(num_classes=3, image_size=8), tmp_path / "final", cfg)
-    assert recorder.calls == [{"guidance_scale": 3.0, "guidance_rescale": 0.4}]
+    assert recorder.calls == [{"guidance_scale": 1.75, "guidance_rescale": 0.4}]  # the default final CFG
 
     from ldm.lit.sample_metrics import SampleMetricsCallback
 
