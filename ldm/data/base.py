@@ -79,11 +79,9 @@ class EpochShuffleSampler(DistributedSampler):
     every per-sample random choice depend only on the seed and the epoch. Outside Lightning the epoch
     advances by itself after each full pass so plain loops do not replay the same order forever.
 
-    Data parallel: rank ``r`` of ``num_replicas`` takes positions ``r, r + num_replicas, ...`` of the epoch's
-    one global order (the tail that does not fill a round is dropped), so the ranks see disjoint samples and
-    a position within a rank's share maps back to a position in the global order. It is a
-    ``DistributedSampler`` so that Lightning leaves it in place instead of wrapping it in one of its own,
-    whose position a checkpoint could not record.
+    Data parallel: rank r of W takes positions r, r + W, ... of the epoch's one global order (a last partial
+    round is dropped): disjoint shares, and a position in a share maps back to one in the order. A
+    ``DistributedSampler``, so Lightning keeps it instead of wrapping it in one whose position is not saved.
     """
 
     def __init__(self, num_samples: int, seed: int, shuffle: bool = True, num_replicas: int = 1, rank: int = 0) -> None:

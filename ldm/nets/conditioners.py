@@ -65,10 +65,8 @@ class Embedder(nn.Module):
         """force_unconditional: guidance's unconditional branch (a no-op for an unguided embedder).
         drop: (B,) bool chosen by the caller (the Conditioner's joint drop) instead of this embedder's own."""
         if self.input_key not in batch:
-            raise KeyError(
-                f"{type(self).__name__} reads batch['{self.input_key}'], but the batch has keys {sorted(batch)}; "
-                "set input_key to one of them."
-            )
+            raise KeyError(f"{type(self).__name__} reads batch['{self.input_key}'], but the batch has keys "
+                           f"{sorted(batch)}; set input_key to one of them.")
         inputs = batch[self.input_key]
         batch_size = len(inputs)
         if force_unconditional:
@@ -81,9 +79,7 @@ class Embedder(nn.Module):
         """(B,) bool, True with probability drop_rate per sample while training; all False in eval."""
         if not self.training or self.drop_rate == 0.0:
             return torch.zeros(batch_size, dtype=torch.bool)
-        # Drawn on the generator's device: a CUDA generator cannot fill a CPU tensor.
-        device = generator.device if generator is not None else None
-        return torch.rand(batch_size, generator=generator, device=device) < self.drop_rate
+        return _bernoulli(batch_size, self.drop_rate, generator)
 
     def encode(self, inputs: Any, drop: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -294,7 +290,8 @@ class ConcatConditioner(Embedder):
 
 
 def _bernoulli(batch_size: int, p: float, generator: torch.Generator | None) -> torch.Tensor:
-    """(B,) bool, True with probability p; drawn on the generator's device so a seed means one thing."""
+    """(B,) bool, True with probability p; drawn on the generator's device (a CUDA generator cannot fill a CPU
+    tensor, and a seed then means one thing)."""
     device = generator.device if generator is not None else None
     return torch.rand(batch_size, generator=generator, device=device) < p
 
