@@ -25,6 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ldm.nets.backbone import check_denoiser_inputs
+
 
 def timestep_embedding(
     timesteps: torch.Tensor, dim: int, max_period: float = 10000.0, freq_shift: int = 0
@@ -342,31 +344,14 @@ class DiT(nn.Module):
         return self.unpatchify(h, grid_h, grid_w).type(x.dtype)
 
     def _check_inputs(self, x, timesteps, context, y) -> None:
-        if x.ndim != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(f"DiT expects x of shape (B, {self.in_channels}, H, W), got {tuple(x.shape)}.")
+        check_denoiser_inputs("DiT", x, timesteps, context, y, in_channels=self.in_channels,
+                              context_dim=self.context_dim, num_classes=self.num_classes,
+                              adm_in_channels=self.adm_in_channels)
         if x.shape[-2] % self.patch_size or x.shape[-1] % self.patch_size:
             raise ValueError(
                 f"Latent height and width {tuple(x.shape[-2:])} must be divisible by the DiT patch size "
                 f"{self.patch_size}; pick a latent size that is a multiple of {self.patch_size} or another patch size."
             )
-        if timesteps.shape != (x.shape[0],):
-            raise ValueError(f"timesteps must have shape (B,) = ({x.shape[0]},), got {tuple(timesteps.shape)}.")
-        if (context is None) != (self.context_dim is None):
-            raise ValueError(
-                f"DiT was built with context_dim={self.context_dim} but context is "
-                f"{'missing' if context is None else 'given'}; pass context (B, L, D) exactly when context_dim is set."
-            )
-        if context is not None and (context.ndim != 3 or context.shape[-1] != self.context_dim):
-            raise ValueError(f"context must be (B, L, {self.context_dim}), got {tuple(context.shape)}.")
-        if (y is None) != (self.y_embedder is None):
-            raise ValueError(
-                f"y must be given exactly when the DiT has num_classes ({self.num_classes}) or adm_in_channels "
-                f"({self.adm_in_channels}); got y={'None' if y is None else tuple(y.shape)}."
-            )
-        if self.num_classes is not None and (y.ndim != 1 or y.is_floating_point()):
-            raise ValueError(f"With num_classes, y must be (B,) integer labels, got {tuple(y.shape)} {y.dtype}.")
-        if self.adm_in_channels is not None and (y.ndim != 2 or y.shape[1] != self.adm_in_channels):
-            raise ValueError(f"With adm_in_channels, y must be (B, {self.adm_in_channels}), got {tuple(y.shape)}.")
 
 
 # Size presets (the paper's Table 1): depth / width / heads, the suffix is the patch size; kwargs override.
