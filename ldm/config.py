@@ -9,16 +9,15 @@ import os
 import sys
 import types
 import typing
+import warnings
 from datetime import datetime
 from typing import Any
 
 from hydra.errors import InstantiationException
 from hydra.utils import get_object, instantiate
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
-
-class ConfigError(ValueError):
-    """A config that cannot work, found before any training starts."""
+from ldm.errors import ConfigError  # noqa: F401  (re-exported: ldm.config.ConfigError is public)
 
 
 def _embedded_minilm() -> str:
@@ -224,3 +223,45 @@ def user_errors_as_messages(prog: str, errors: tuple[type[BaseException], ...] =
             raise
         print(f"{prog}: error: {err}\n(HYDRA_FULL_ERROR=1 shows the traceback)", file=sys.stderr, flush=True)
         sys.exit(2)
+
+
+# Config keys renamed since; the old spelling still works for a while, with a warning that names the new one.
+DEPRECATED_KEYS = {"model.ldm.unet": "model.ldm.backbone"}
+# What a backbone factory now takes from the model's conditioning (ldm.nets.backbone.ConditionSpec).
+_WIRED_BACKBONE_KEYS = ("in_channels", "out_channels", "context_dim", "num_classes", "adm_in_channels")
+
+
+def rename_deprecated_overrides(argv: list[str]) -> list[str]:
+    """Command-line overrides with deprecated keys respelt (``model.ldm.unet.model_channels=64`` ->
+    ``model.ldm.backbone.model_channels=64``), each with a warning."""
+    out = []
+    for arg in argv:
+        prefix = arg[: len(arg) - len(arg.lstrip("+~"))]
+        body = arg[len(prefix):]
+        for old, new in DEPRECATED_KEYS.items():
+            if body == old or body.startswith((old + ".", old + "=")):
+                body = new + body[len(old):]
+                warnings.warn(f"{old} is deprecated: write {new} ({arg} was read as {prefix + body})",
+                              FutureWarning, stacklevel=2)
+        out.append(prefix + body)
+    return out
+
+
+def apply_deprecated_keys(cfg: DictConfig) -> DictConfig:
+    """A config (e.g. a user's model/ldm yaml) that still defines ``model.ldm.unet``: moved to
+    ``model.ldm.backbone`` with a warning. A full UNet config of the old style (channels and context wired
+    through ``cond.*``) becomes a factory: the model now gives those from its conditioner."""
+    node = OmegaConf.select(cfg, "model.ldm")
+    if node is None or "unet" not in node:
+        return cfg
+    warnings.warn("model.ldm.unet is deprecated: name the denoiser model.ldm.backbone (see conf/model/ldm/*.yaml)",
+                  FutureWarning, stacklevel=2)
+    with open_dict(cfg):
+        backbone = node.pop("unet")
+        for key in _WIRED_BACKBONE_KEYS:
+            backbone.pop(key, None)
+        if isinstance(backbone.get("transformer"), DictConfig):
+            backbone.transformer.pop("context_dim", None)
+        backbone["_partial_"] = True
+        node["backbone"] = backbone
+    return cfg

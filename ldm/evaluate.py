@@ -53,26 +53,30 @@ def generate(cfg: DictConfig, out_dir: Path) -> SampleSet | None:
     Under ``torchrun --nproc_per_node=N -m ldm.evaluate model_path=...`` every rank draws a share of the set
     (seed + rank, on its own GPU); rank 0 gets the whole set back and measures it, the others return None."""
     from ldm.io.load import load_ldm
+    from ldm.io.samples import save_samples_npz, write_manifest
+    from ldm.model import sample_sharded
     from ldm.sample import build_conditions, file_hash
-    from ldm.sampling import class_conditions, sample_sharded, save_samples_npz, write_manifest
 
     sampler, info = load_ldm(Path(str(cfg.model_path)), distributed.local_device(), bool(cfg.use_ema))
     sampler_cfg = OmegaConf.to_container(cfg.sampler) if cfg.get("sampler") else dict(info["config"]["sampler"])
     image_size = int(cfg.image_size or info["config"]["data"]["image_size"])
-    keys = set(getattr(sampler.conditioner, "input_keys", ()))
-    if "caption" in keys and cfg.prompts is None and cfg.prompts_file is None and str(cfg.reference) == "mnist5k":
+    conditioner = sampler.conditioner
+    if conditioner.takes_prompts and cfg.prompts is None and cfg.prompts_file is None and str(cfg.reference) == "mnist5k":
         from ldm.data.captions import held_out_prompt
+        from ldm.metrics.classifier import JudgeArch
 
-        # A text model is asked for each digit with a held-out prompt, so the judge can check it per class.
-        conditions = class_conditions(10, int(cfg.n), held_out_prompt)
+        # A text model is asked for each class the judge knows, with a held-out prompt, so the judge can check it
+        # per class (a class+text model gets the label and its prompt).
+        classes = conditioner.num_classes or JudgeArch().num_classes
+        conditions = conditioner.example_conditions(int(cfg.n), labels=range(classes), caption_for=held_out_prompt)
     else:
         conditions = build_conditions(cfg, sampler)
     count = len(next(iter(conditions.values())))
     world = distributed.world_size()
     if distributed.rank() == 0:
         print(f"generating {count} samples with {sampler_cfg} on {world} process(es)", flush=True)
-    unet_calls = []  # one entry per UNet forward: the measured cost of a sampler, whatever its design
-    hook = sampler.unet.register_forward_hook(lambda *_: unet_calls.append(1))
+    unet_calls = []  # one entry per backbone forward: the measured cost of a sampler, whatever its design
+    hook = sampler.backbone.register_forward_hook(lambda *_: unet_calls.append(1))
     started = time.perf_counter()
     try:
         images = sample_sharded(sampler, conditions, image_size, int(cfg.seed), sampler=dict(sampler_cfg),

@@ -38,6 +38,7 @@ from ldm.io.convert import (
     unet_to_diffusers_config,
 )
 from ldm.io.export import ExportError, read_export, save_tensors_atomic, write_text_atomic
+from ldm.io.load import backbone_config_of
 from ldm.nets.autoencoder import EncoderDecoderConfig
 
 UNET_TARGET = "ldm.nets.unet.UNetModel"
@@ -88,6 +89,7 @@ class LatentDiffusionParts:
 def read_parts(folder: str | Path) -> LatentDiffusionParts:
     tensors, config, _ = read_export(folder, kind="ldm")
     config = OmegaConf.to_container(config, resolve=True)
+    config["unet"] = backbone_config_of(config)
     for part, target in (("unet", UNET_TARGET), ("autoencoder", AUTOENCODER_TARGET)):
         if config[part].get("_target_") != target:
             raise ExportError(f"{folder}: {part} is {config[part].get('_target_')}, only {target} can be exported")

@@ -18,9 +18,10 @@ from PIL import Image
 from rich.progress import Progress
 
 from ldm.config import ConfigError, register_resolvers, user_errors_as_messages
-from ldm.lit.images import save_png, to_uint8_grid
-from ldm.lit.inpainting import INPAINT_KEY, inpaint_condition
-from ldm.sampling import LatentEdit, LatentSampler, save_samples_npz, to_uint8_nhwc, write_manifest
+from ldm.io.images import save_png, to_uint8_grid
+from ldm.io.samples import save_samples_npz, to_uint8_nhwc, write_manifest
+from ldm.model import LatentDiffusion, LatentEdit
+from ldm.model.inpainting import inpaint_condition
 
 register_resolvers()
 # An absolute path: relative ones would be resolved against the `ldm` package, where conf/ is not.
@@ -55,30 +56,26 @@ def read_prompts(cfg: DictConfig) -> list[str] | None:
     return [str(p) for p in (cfg.prompts if isinstance(cfg.prompts, ListConfig) else [cfg.prompts])]
 
 
-def build_conditions(cfg: DictConfig, sampler: LatentSampler) -> dict[str, Any]:
-    """n samples per label or per prompt, condition-major; unconditional when neither applies."""
+def build_conditions(cfg: DictConfig, model: LatentDiffusion) -> dict[str, Any]:
+    """n samples per label or per prompt, condition-major (the model's conditioner makes the inputs);
+    unconditional when neither applies."""
     n = int(cfg.n)
     if n < 1:
         raise ConfigError(f"n must be >= 1, got {n}")
-    keys = set(getattr(sampler.conditioner, "input_keys", ()))
+    conditioner = model.conditioner
     prompts = read_prompts(cfg)
-    conditions: dict[str, Any] = {}
-    if "caption" in keys:
-        if not prompts:
-            raise ConfigError("this model is text-conditional: give prompts=[...] or prompts_file=...")
-        conditions["caption"] = [p for p in prompts for _ in range(n)]
-    elif prompts:
+    if conditioner.takes_prompts and not prompts:
+        raise ConfigError("this model is text-conditional: give prompts=[...] or prompts_file=...")
+    if prompts and not conditioner.takes_prompts:
         raise ConfigError("this model takes no text: remove prompts (use labels=[...] for a class model)")
-    if "label" in keys:
-        num_classes = sampler.conditioner.num_classes
+    labels = None
+    num_classes = conditioner.num_classes
+    if num_classes and (cfg.labels is not None or not prompts):
         labels = list(range(num_classes)) if cfg.labels is None else [int(y) for y in cfg.labels]
         bad = [y for y in labels if not 0 <= y < num_classes]
         if bad:
             raise ConfigError(f"labels {bad} are outside the model's classes 0..{num_classes - 1}")
-        conditions["label"] = torch.tensor(labels).repeat_interleave(n)
-    if not conditions:
-        conditions["n"] = [None] * n
-    return conditions
+    return conditioner.example_conditions(n, labels=labels, prompts=prompts or None)
 
 
 def load_images(path: str | Path, size: int, channels: int) -> torch.Tensor:
@@ -93,7 +90,7 @@ def load_images(path: str | Path, size: int, channels: int) -> torch.Tensor:
     return x.unsqueeze(1) if channels == 1 else x.permute(0, 3, 1, 2)
 
 
-def build_edit(cfg: DictConfig, sampler: LatentSampler, image_size: int, count: int) -> LatentEdit | None:
+def build_edit(cfg: DictConfig, sampler: LatentDiffusion, image_size: int, count: int) -> LatentEdit | None:
     if cfg.init_images is None:
         if cfg.mask is not None:
             raise ConfigError("mask needs init_images (the image to inpaint)")
@@ -114,7 +111,7 @@ def build_edit(cfg: DictConfig, sampler: LatentSampler, image_size: int, count: 
     return LatentEdit(z0, strength, keep)
 
 
-def inpaint_model_condition(cfg: DictConfig, sampler: LatentSampler, image_size: int, count: int) -> torch.Tensor:
+def inpaint_model_condition(cfg: DictConfig, sampler: LatentDiffusion, image_size: int, count: int) -> torch.Tensor:
     if cfg.init_images is None or cfg.mask is None:
         raise ConfigError("this is an inpainting model (cond=inpaint): give init_images=... and mask=... (white = keep)")
     channels = sampler.first_stage.autoencoder.config.in_channels
@@ -134,9 +131,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     image_size = int(cfg.image_size or info["config"]["data"]["image_size"])
     conditions = build_conditions(cfg, sampler)
     count = len(next(iter(conditions.values())))
-    if INPAINT_KEY in getattr(sampler.conditioner, "input_keys", ()):
+    inpainting = [e for e in sampler.conditioner.embedders if e.needs_images]
+    if inpainting:
         # An inpainting model (cond=inpaint) is told what to keep through its own condition.
-        conditions[INPAINT_KEY] = inpaint_model_condition(cfg, sampler, image_size, count)
+        conditions[inpainting[0].input_key] = inpaint_model_condition(cfg, sampler, image_size, count)
         edit = None
     else:
         edit = build_edit(cfg, sampler, image_size, count)

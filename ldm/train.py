@@ -22,10 +22,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from ldm.config import (
     ConfigError,
+    apply_deprecated_keys,
     check_constructor_keys,
     flat_numbers,
     instantiate_checked,
     register_resolvers,
+    rename_deprecated_overrides,
     sweep_tags,
     user_errors_as_messages,
 )
@@ -138,6 +140,22 @@ def check_judge(cfg: DictConfig) -> None:
                           "the data is what that judge was trained on")
 
 
+def condition_data(cfg: DictConfig, datamodule: Any, model: Any) -> Any:
+    """The data as the model's conditioning needs it: batches carry exactly the keys its embedders read
+    (``conditioner.batch_keys``), from the images or from the latent cache."""
+    conditioner = model.conditioner
+    if hasattr(datamodule, "condition_keys"):
+        datamodule.condition_keys = conditioner.batch_keys
+    if not cfg.stage.latent_cache:
+        return datamodule
+    if conditioner.needs_images:
+        raise ConfigError("this conditioning (cond=inpaint) works on the images themselves: set stage.latent_cache=false")
+    from ldm.data.latent_cache import LatentCacheDataModule
+
+    return LatentCacheDataModule(datamodule, model.first_stage, Path(cfg.paths.cache_dir) / "latents",
+                                 keys=conditioner.batch_keys)
+
+
 def configure_backends(cfg: DictConfig) -> None:
     """Process-wide numerics switches, set before any model is built. ``tf32``: fp32 matmuls and
     convolutions on Ampere+ GPUs use TF32 tensor cores (10-bit mantissa inputs, fp32 accumulation);
@@ -163,6 +181,7 @@ def batch_plan(cfg: DictConfig, trainer: pl.Trainer) -> dict[str, int]:
 
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit the configured stage; returns the final logged metrics and the paths it wrote."""
+    apply_deprecated_keys(cfg)
     check_config(cfg)
     configure_backends(cfg)
     out = run_dir(cfg)
@@ -175,10 +194,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     module = instantiate_checked(cfg.stage.module, "stage.module")
     if ckpt_path is not None:
         check_resume_checkpoint(ckpt_path, module, cfg.stage.name)
-    if cfg.stage.name == "ldm" and cfg.stage.latent_cache:
-        from ldm.data.latent_cache import LatentCacheDataModule
-
-        datamodule = LatentCacheDataModule(datamodule, module.first_stage, Path(cfg.paths.cache_dir) / "latents")
+    if cfg.stage.name == "ldm":
+        datamodule = condition_data(cfg, datamodule, module.model)
     callbacks = build_callbacks(cfg, out)
     loggers = build_loggers(cfg)
     if not loggers:
@@ -205,7 +222,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     results["run_dir"] = str(out)
     results["export"] = str(out / "export")
     if cfg.stage.name == "ldm" and cfg.stage.final_samples.enabled:
-        from ldm.sampling import write_final_samples
+        from ldm.metrics.final_samples import write_final_samples
 
         # Lightning's teardown moved the module to the CPU; every rank samples its share on its device.
         module.to(trainer.strategy.root_device)
@@ -234,8 +251,13 @@ def _finish_wandb() -> None:
         pass
 
 
+def main() -> float | None:
+    sys.argv[1:] = rename_deprecated_overrides(sys.argv[1:])
+    return hydra_main()
+
+
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
-def main(cfg: DictConfig) -> float | None:
+def hydra_main(cfg: DictConfig) -> float | None:
     with user_errors_as_messages("ldm-train", USER_ERRORS):
         try:
             results = train(cfg)

@@ -15,7 +15,7 @@ from hydra import compose, initialize_config_dir
 from PIL import Image
 
 from ldm.config import ConfigError
-from ldm.data.base import fit_uint8_images
+from ldm.data.tensor_images import fit_uint8_images
 from ldm.data.mnist5k import load_mnist5k_arrays, stratified_split
 from ldm.evaluate import evaluate, flat_metrics, load_samples, summary_line
 

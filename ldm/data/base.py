@@ -15,13 +15,13 @@ samplers hand them.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
@@ -55,20 +55,40 @@ def sample_rng(seed: int, key: SampleKey) -> tuple[int, np.random.Generator]:
     return index, np.random.default_rng(sample_seed(seed, epoch, index))
 
 
-def collate_examples(examples: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Stack per-sample dicts into the shared batch dict (see module docstring)."""
+def collate_values(values: Sequence[Any]) -> Any:
+    """One batch entry from per-sample values: tensors stacked, integers to long, floats to float32, the rest
+    (captions) kept as a list."""
+    first = values[0]
+    if torch.is_tensor(first):
+        return torch.stack(list(values))
+    if isinstance(first, (bool, int, np.integer)):
+        return torch.tensor([int(v) for v in values], dtype=torch.long)
+    if isinstance(first, (float, np.floating)):
+        return torch.tensor([float(v) for v in values], dtype=torch.float32)
+    return [str(v) if isinstance(v, str) else v for v in values]
+
+
+def collate_examples(examples: Sequence[dict[str, Any]], keys: Sequence[str] | None = None) -> dict[str, Any]:
+    """Stack per-sample dicts into the shared batch dict (see module docstring).
+
+    keys: the condition keys to carry besides the image (a model's ``conditioner.batch_keys``); None carries
+    every key the examples have. A key the model reads but the data lacks is an error naming both.
+    """
     if not examples:
         raise ValueError("cannot collate an empty list of examples")
-    keys = set(examples[0])
-    if any(set(example) != keys for example in examples):
-        raise ValueError(f"examples in one batch carry different keys; expected {sorted(keys)} for all")
-    if "image" not in keys:
+    present = set(examples[0])
+    if any(set(example) != present for example in examples):
+        raise ValueError(f"examples in one batch carry different keys; expected {sorted(present)} for all")
+    if "image" not in present:
         raise ValueError("every example needs an 'image' tensor")
+    wanted = sorted(present - {"image"}) if keys is None else list(keys)
+    missing = [k for k in wanted if k not in present]
+    if missing:
+        raise ValueError(f"the model's conditioning reads batch keys {missing}, but this data yields only "
+                         f"{sorted(present)}: pick data that has them (or a cond= that reads what it has)")
     batch: dict[str, Any] = {"image": torch.stack([example["image"] for example in examples])}
-    if "label" in keys:
-        batch["label"] = torch.tensor([int(example["label"]) for example in examples], dtype=torch.long)
-    if "caption" in keys:
-        batch["caption"] = [str(example["caption"]) for example in examples]
+    for key in wanted:
+        batch[key] = collate_values([example[key] for example in examples])
     return batch
 
 
@@ -249,92 +269,6 @@ def stratified_split(
     return np.flatnonzero(train_mask).astype(np.int64), val_idx.astype(np.int64)
 
 
-def fit_uint8_images(images: torch.Tensor, image_size: int, resize_mode: str) -> torch.Tensor:
-    """Bring a uint8 stack (N, C, h, w) of square-ish images to (N, C, image_size, image_size).
-
-    ``pad`` centres the image on a zero (black) canvas and is exact, which suits MNIST-style digits
-    on black; ``resize`` uses antialiased bilinear interpolation, then rounds back to uint8 (a 1/255
-    quantisation, far below anything a generative model resolves).
-    """
-    if images.dtype != torch.uint8 or images.ndim != 4:
-        raise ValueError(f"expected a uint8 (N, C, H, W) tensor, got {images.dtype} {tuple(images.shape)}")
-    height, width = images.shape[-2:]
-    if (height, width) == (image_size, image_size):
-        return images.contiguous()
-    if resize_mode == "pad":
-        if image_size < max(height, width):
-            raise ValueError(
-                f"resize_mode='pad' cannot shrink {height}x{width} images to {image_size}; "
-                "use resize_mode='resize' or image_size >= the source size"
-            )
-        top, left = (image_size - height) // 2, (image_size - width) // 2
-        padding = (left, image_size - width - left, top, image_size - height - top)
-        return F.pad(images, padding, value=0)
-    if resize_mode == "resize":
-        chunks = []
-        # Chunked so a 60k-image stack does not need one huge float32 copy at once.
-        for chunk in images.split(4096):
-            resized = F.interpolate(
-                chunk.float(),
-                size=(image_size, image_size),
-                mode="bilinear",
-                antialias=True,
-                align_corners=False,
-            )
-            chunks.append(resized.round_().clamp_(0, 255).to(torch.uint8))
-        return torch.cat(chunks)
-    raise ValueError(f"resize_mode must be 'pad' or 'resize', got {resize_mode!r}")
-
-
-def uint8_to_signed_unit(image: torch.Tensor) -> torch.Tensor:
-    """uint8 [0, 255] -> float32 [-1, 1]."""
-    return image.to(torch.float32).div_(127.5).sub_(1.0)
-
-
-class TensorImageDataset(Dataset):
-    """A whole dataset held as one preprocessed uint8 tensor (N, C, H, W); no per-item decoding.
-
-    Only the uint8 form stays resident (4x smaller than float32, which matters for 60k MNIST or
-    50k CIFAR); conversion to [-1, 1] is a cheap per-item cast.
-    """
-
-    def __init__(
-        self,
-        images: torch.Tensor,
-        labels: torch.Tensor | None = None,
-        caption_fn: CaptionFn | None = None,
-        seed: int = 0,
-        random_flip: bool = False,
-    ) -> None:
-        if images.dtype != torch.uint8 or images.ndim != 4:
-            raise ValueError(f"images must be uint8 (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
-        if labels is not None and labels.shape != (images.shape[0],):
-            raise ValueError(f"labels shape {tuple(labels.shape)} does not match {images.shape[0]} images")
-        if caption_fn is not None and labels is None:
-            raise ValueError("captions are derived from labels, so caption_fn needs labels")
-        self.images = images.contiguous()
-        self.labels = None if labels is None else labels.to(torch.long)
-        self.caption_fn = caption_fn
-        self.seed = seed
-        self.random_flip = random_flip
-
-    def __len__(self) -> int:
-        return self.images.shape[0]
-
-    def __getitem__(self, key: SampleKey) -> dict[str, Any]:
-        index, rng = sample_rng(self.seed, key)
-        image = uint8_to_signed_unit(self.images[index])  # (C, H, W)
-        if self.random_flip and rng.random() < 0.5:
-            image = image.flip(-1)
-        example: dict[str, Any] = {"image": image}
-        if self.labels is not None:
-            label = int(self.labels[index])
-            example["label"] = label
-            if self.caption_fn is not None:
-                example["caption"] = self.caption_fn(label, rng)
-        return example
-
-
 class ImageDataModule(LightningDataModule):
     """Base DataModule: subclasses fill ``train_dataset``/``val_dataset`` and the metadata in ``setup``.
 
@@ -359,6 +293,9 @@ class ImageDataModule(LightningDataModule):
         self.num_classes: int | None = None
         self.class_names: list[str] = []
         self.has_captions = False
+        # The batch keys the model's conditioning reads (set by ldm-train from `conditioner.batch_keys`);
+        # None carries every key the data has.
+        self.condition_keys: tuple[str, ...] | None = None
 
     def train_dataloader(self) -> DataLoader:
         dataset = self._require(self.train_dataset, "train")
@@ -391,7 +328,7 @@ class ImageDataModule(LightningDataModule):
             sampler=sampler,
             shuffle=False,  # the sampler (train) or natural order (validation) fixes the order
             num_workers=self.num_workers,
-            collate_fn=collate_examples,
+            collate_fn=functools.partial(collate_examples, keys=self.condition_keys),
             pin_memory=torch.cuda.is_available(),
             drop_last=drop_last,
             persistent_workers=persistent,

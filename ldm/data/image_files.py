@@ -24,7 +24,8 @@ from torch.utils.data import Dataset
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from ldm.data.base import SampleKey, sample_seed, split_key, uint8_to_signed_unit
+from ldm.data.base import SampleKey, sample_seed, split_key
+from ldm.data.tensor_images import uint8_to_signed_unit
 
 _FIRST_FEW = 5
 

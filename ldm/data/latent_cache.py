@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +21,19 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
 from ldm import distributed
-from ldm.data.base import EpochShuffleSampler, ResumableDataLoader, data_parallel_share, sample_rng
+from ldm.data.base import (
+    EpochShuffleSampler,
+    ResumableDataLoader,
+    collate_values,
+    data_parallel_share,
+    sample_rng,
+)
 from ldm.data.mapped_tensors import MappedTensors, read_header
 from ldm.io.export import atomic_path, save_tensors_atomic, write_text_atomic
 
-CACHE_VERSION = 1
+# 2: condition keys are the model's (conditioner.batch_keys): numeric ones as "cond.<key>" tensors.
+CACHE_VERSION = 2
+COND_PREFIX = "cond."
 METADATA = ("image_size", "channels", "num_classes", "class_names", "has_captions", "batch_size", "seed")
 
 
@@ -49,15 +58,17 @@ def dataset_fingerprint(dataset: Dataset, description: dict[str, Any]) -> str:
 
 
 class CachedLatentDataset(Dataset):
-    """Items ``{latent_mean, latent_std, label?, caption?}``; a flip is picked per (seed, epoch, index).
+    """Items ``{latent_mean, latent_std, <condition keys>}``; a flip is picked per (seed, epoch, index).
 
-    The moments stay in the memory-mapped cache file: only the rows a batch uses are read."""
+    The moments stay in the memory-mapped cache file: only the rows a batch uses are read. Numeric conditions
+    (labels) are tensors ``cond.<key>`` of that file; the others (captions) come from a JSON file beside it."""
 
-    def __init__(self, tensors: MappedTensors, captions: list[str] | None, seed: int) -> None:
+    def __init__(self, tensors: MappedTensors, texts: dict[str, list[Any]], seed: int) -> None:
         self.tensors = tensors  # mean/std: (N, F, C, h, w); F = 2 when flips were encoded
         self.num_flips = tensors.shape("mean")[1]
-        self.labels = tensors.rows("label", slice(None)) if "label" in tensors else None
-        self.captions = captions
+        self.numeric = {name[len(COND_PREFIX):]: tensors.rows(name, slice(None))
+                        for name in tensors.names() if name.startswith(COND_PREFIX)}
+        self.texts = texts
         self.seed = seed
 
     def __len__(self) -> int:
@@ -68,31 +79,22 @@ class CachedLatentDataset(Dataset):
         flip = int(rng.integers(self.num_flips)) if self.num_flips > 1 else 0
         item: dict[str, Any] = {"latent_mean": self.tensors.rows("mean", (index, flip)),
                                 "latent_std": self.tensors.rows("std", (index, flip))}
-        if self.labels is not None:
-            item["label"] = self.labels[index]
-        if self.captions is not None:
-            item["caption"] = self.captions[index]
+        item.update({key: values[index] for key, values in self.numeric.items()})
+        item.update({key: values[index] for key, values in self.texts.items()})
         return item
 
 
 def collate_latents(items: list[dict[str, Any]]) -> dict[str, Any]:
-    batch: dict[str, Any] = {
-        "latent_mean": torch.stack([it["latent_mean"] for it in items]),
-        "latent_std": torch.stack([it["latent_std"] for it in items]),
-    }
-    if "label" in items[0]:
-        batch["label"] = torch.stack([it["label"] for it in items]).long()
-    if "caption" in items[0]:
-        batch["caption"] = [it["caption"] for it in items]
-    return batch
+    return {key: collate_values([it[key] for it in items]) for key in items[0]}
 
 
 @torch.no_grad()
 def encode_dataset(dataset: Dataset, first_stage: Any, with_flips: bool, batch_size: int = 256,
-                   indices: range | None = None):
-    """Posterior moments of the items ``indices`` (all by default), in index order. Captions are those of
-    epoch 0."""
-    means, stds, labels, captions = [], [], [], []
+                   indices: range | None = None, keys: Sequence[str] = ("label", "caption")):
+    """Posterior moments of the items ``indices`` (all by default), in index order, and their condition ``keys``
+    (numeric ones as tensors ``cond.<key>``, the rest as lists). Captions are those of epoch 0."""
+    means, stds = [], []
+    conditions: dict[str, list[Any]] = {}
     device = first_stage.scale_factor.device
     indices = range(len(dataset)) if indices is None else indices
     for start in range(0, len(indices), batch_size):
@@ -102,14 +104,20 @@ def encode_dataset(dataset: Dataset, first_stage: Any, with_flips: bool, batch_s
         moments = [first_stage.encode_moments(x) for x in variants]
         means.append(torch.stack([m for m, _ in moments], dim=1).cpu())  # (B, F, C, h, w)
         stds.append(torch.stack([s for _, s in moments], dim=1).cpu())
-        if "label" in items[0]:
-            labels.extend(int(it["label"]) for it in items)
-        if "caption" in items[0]:
-            captions.extend(it["caption"] for it in items)
+        for key in keys:
+            if key not in items[0]:
+                raise ValueError(f"the model's conditioning reads batch key {key!r}, which this data lacks "
+                                 f"(it has {sorted(items[0])})")
+            conditions.setdefault(key, []).extend(it[key] for it in items)
     tensors = {"mean": torch.cat(means), "std": torch.cat(stds)}
-    if labels:
-        tensors["label"] = torch.tensor(labels, dtype=torch.long)
-    return tensors, (captions or None)
+    texts = {}
+    for key, values in conditions.items():
+        batched = collate_values(values)
+        if torch.is_tensor(batched):
+            tensors[COND_PREFIX + key] = batched
+        else:
+            texts[key] = batched
+    return tensors, texts
 
 
 def write_concatenated(path: Path, parts: list[Path]) -> None:
@@ -135,8 +143,10 @@ def write_concatenated(path: Path, parts: list[Path]) -> None:
 class LatentCacheDataModule(LightningDataModule):
     """Wraps an image DataModule; serves cached posterior moments instead of images."""
 
-    def __init__(self, datamodule: LightningDataModule, first_stage: Any, cache_dir: str | Path) -> None:
+    def __init__(self, datamodule: LightningDataModule, first_stage: Any, cache_dir: str | Path,
+                 keys: Sequence[str] = ("label", "caption")) -> None:
         super().__init__()
+        self.keys = tuple(keys)  # the condition keys the model reads (conditioner.batch_keys)
         self.datamodule = datamodule
         self.first_stage = first_stage
         self.cache_dir = Path(cache_dir)
@@ -158,6 +168,7 @@ class LatentCacheDataModule(LightningDataModule):
             "datamodule": type(self.datamodule).__name__,
             "hparams": dict(getattr(self.datamodule, "hparams", {})),
             "flips": flips,
+            "keys": list(self.keys),
             "version": CACHE_VERSION,
         }
         self.train_dataset = self._load_or_build("train", self.datamodule.train_dataset, ae_hash, description, flips, seed)
@@ -169,33 +180,34 @@ class LatentCacheDataModule(LightningDataModule):
 
     def _load_or_build(self, split, dataset, ae_hash, description, flips, seed) -> CachedLatentDataset:
         path = self.cache_path(split, dataset, ae_hash, description)
-        captions_path = path.with_suffix(".captions.json")
+        texts_path = path.with_suffix(".conditions.json")
         # Rank 0 decides for all: a rank that looked later could find the file the others are writing.
         if distributed.broadcast_object(path.is_file()):
             self.hits += 1
         else:
             self.misses += 1
-            self._build(path, captions_path, dataset, flips)
-        captions = json.loads(captions_path.read_text()) if captions_path.is_file() else None
-        return CachedLatentDataset(MappedTensors(path), captions, seed)
+            self._build(path, texts_path, dataset, flips)
+        texts = json.loads(texts_path.read_text()) if texts_path.is_file() else {}
+        return CachedLatentDataset(MappedTensors(path), texts, seed)
 
-    def _build(self, path: Path, captions_path: Path, dataset: Dataset, flips: bool) -> None:
+    def _build(self, path: Path, texts_path: Path, dataset: Dataset, flips: bool) -> None:
         """Every rank encodes its contiguous share of the items on its own device into a part file; rank 0
-        joins the parts into the cache (captions first, the cache file last, so its presence means a
+        joins the parts into the cache (the text conditions first, the cache file last, so its presence means a
         complete cache). Needs a folder every rank sees (a shared file system across nodes)."""
         trainer = getattr(self, "trainer", None)
         if trainer is not None:
             self.first_stage.to(trainer.strategy.root_device)  # before Lightning moves it: encode on the GPU
         rank, world = distributed.rank(), distributed.world_size()
         share = distributed.shard(len(dataset))
-        tensors, captions = encode_dataset(dataset, self.first_stage, with_flips=flips,
-                                           indices=range(share.start, share.stop))
+        tensors, texts = encode_dataset(dataset, self.first_stage, with_flips=flips,
+                                        indices=range(share.start, share.stop), keys=self.keys)
         part = path.with_name(f"{path.stem}.part{rank:05d}-of-{world:05d}.safetensors")
         save_tensors_atomic(part, tensors)
-        all_captions = distributed.all_gather_objects(captions)  # in rank order, as the shares
+        all_texts = distributed.all_gather_objects(texts)  # in rank order, as the shares
         if rank == 0:
-            if all_captions[0] is not None:
-                write_text_atomic(captions_path, json.dumps([c for part_captions in all_captions for c in part_captions]))
+            if all_texts[0]:
+                joined = {key: [v for part in all_texts for v in part[key]] for key in all_texts[0]}
+                write_text_atomic(texts_path, json.dumps(joined))
             parts = [path.with_name(f"{path.stem}.part{r:05d}-of-{world:05d}.safetensors") for r in range(world)]
             write_concatenated(path, parts)
             for p in parts:

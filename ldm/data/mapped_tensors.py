@@ -44,6 +44,9 @@ class MappedTensors:
     def __contains__(self, name: str) -> bool:
         return name in self._header
 
+    def names(self) -> list[str]:
+        return sorted(self._header)
+
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._header[name]["shape"])
 

@@ -15,8 +15,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ldm.data.base import ImageDataModule, TensorImageDataset, fit_uint8_images, stratified_split
+from ldm.data.base import ImageDataModule, stratified_split
 from ldm.data.captions import CLASS_NAMES, caption_for
+from ldm.data.tensor_images import TensorImageDataset, fit_uint8_images
 
 __all__ = ["MNIST5kDataModule", "load_mnist5k_arrays", "mnist5k_csv_path", "stratified_split"]
 

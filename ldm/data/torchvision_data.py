@@ -19,9 +19,10 @@ from pathlib import Path
 
 import torch
 
-from ldm.data.base import ImageDataModule, TensorImageDataset, fit_uint8_images
+from ldm.data.base import ImageDataModule
 from ldm.data.captions import CIFAR10_CLASS_NAMES, CLASS_NAMES, caption_for, cifar10_caption_for
 from ldm.data.image_files import FileImageDataset, ImageTransform
+from ldm.data.tensor_images import TensorImageDataset, fit_uint8_images
 
 DATASET_NAMES = ("mnist", "cifar10", "celeba")
 

@@ -23,8 +23,8 @@ from torch import nn
 from ldm.io.export import atomic_path, state_mismatches
 
 # The state-dict prefix only a LightningModule of that stage has (the stage 2 module also holds the frozen
-# autoencoder, under first_stage.autoencoder.*).
-STAGE_KEY_PREFIXES = {"vae": "autoencoder.", "ldm": "unet."}
+# autoencoder, under model.first_stage.autoencoder.*).
+STAGE_KEY_PREFIXES = {"vae": "autoencoder.", "ldm": "model.backbone."}
 _READ_ERRORS = (RuntimeError, pickle.UnpicklingError, EOFError, zipfile.BadZipFile, OSError, ValueError)
 
 
@@ -164,7 +164,9 @@ def restore_frozen_state(checkpoint: dict[str, Any], module: nn.Module, fingerpr
 def check_resume_checkpoint(path: str | os.PathLike, module: nn.Module, stage: str) -> None:
     """Fail before training when ``path`` cannot resume ``module`` (stage ``stage``): wrong stage, other keys
     or shapes. Lightning would only find out after data set-up, with a raw state-dict error."""
-    state = restore_frozen_state(read_checkpoint(path), module, getattr(module, "frozen_fingerprint", None))
+    checkpoint = read_checkpoint(path)
+    upgrade_checkpoint_keys(checkpoint)
+    state = restore_frozen_state(checkpoint, module, getattr(module, "frozen_fingerprint", None))
     found = checkpoint_stage(state)
     if found is not None and found != stage:
         raise CheckpointError(
@@ -185,3 +187,23 @@ def newest_resume_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     run_dir = Path(run_dir)
     candidates = [p for p in [run_dir / "checkpoints" / "last.ckpt", *run_dir.glob("hpc_ckpt_*.ckpt")] if p.is_file()]
     return max(candidates, key=lambda p: p.stat().st_mtime_ns) if candidates else None
+
+
+# Checkpoints written before the model layer (ldm.model) kept the parts at the top of the module.
+_OLD_PREFIXES = {"unet.": "model.backbone.", "conditioner.": "model.conditioner.", "first_stage.": "model.first_stage."}
+
+
+def upgrade_checkpoint_keys(checkpoint: dict[str, Any]) -> None:
+    """Rename an older checkpoint's ``unet.*``/``conditioner.*``/``first_stage.*`` keys (and its list of omitted
+    frozen keys) to today's ``model.*`` layout, in place, so runs from before the model layer still resume."""
+    def renamed(key: str) -> str:
+        for old, new in _OLD_PREFIXES.items():
+            if key.startswith(old):
+                return new + key[len(old):]
+        return key
+
+    state = checkpoint.get("state_dict")
+    if isinstance(state, dict) and any(k.startswith(tuple(_OLD_PREFIXES)) for k in state):
+        checkpoint["state_dict"] = {renamed(k): v for k, v in state.items()}
+    if isinstance(checkpoint.get(OMITTED_KEYS), list):
+        checkpoint[OMITTED_KEYS] = [renamed(k) for k in checkpoint[OMITTED_KEYS]]

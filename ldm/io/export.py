@@ -21,13 +21,11 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from ldm.errors import ExportError  # noqa: F401  (re-exported)
+
 WEIGHTS = "model.safetensors"
 CONFIG = "config.yaml"
 META = "meta.json"
-
-
-class ExportError(ValueError):
-    """An export folder is missing, incomplete or of the wrong kind."""
 
 
 @contextmanager

@@ -9,13 +9,12 @@ from typing import Any
 
 import torch
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, open_dict
 
 from ldm.config import register_resolvers
-from ldm.io.checkpoint_io import restore_frozen_state
+from ldm.io.checkpoint_io import restore_frozen_state, tensors_hash, upgrade_checkpoint_keys
 from ldm.io.export import ExportError, frozen, load_state_strict, read_export
-from ldm.lit.first_stage import FirstStage
-from ldm.sampling import LatentSampler
+from ldm.model import FirstStage, LatentDiffusion
 
 # What torch.load raises for a file that is not a weights-only torch checkpoint.
 _READ_ERRORS = (RuntimeError, pickle.UnpicklingError, EOFError, zipfile.BadZipFile, OSError, ValueError)
@@ -39,25 +38,33 @@ def load_conditioner(config: Any, tensors: dict[str, torch.Tensor], source: str)
     return frozen(conditioner)
 
 
-def load_ldm_export(folder: str | Path, device: str | torch.device = "cpu") -> tuple[LatentSampler, dict[str, Any]]:
-    """(sampler, info) from a stage-2 export folder; ``info`` holds the config and meta for manifests."""
+def backbone_config_of(config: Any) -> Any:
+    """An export's backbone config: ``backbone``, or ``unet`` in exports written before the model layer."""
+    node = config.get("backbone") if "backbone" in config else config.get("unet")
+    if node is None:
+        raise ExportError("the export's config.yaml has no backbone (nor unet) entry: re-export the run")
+    return node
+
+
+def load_ldm_export(folder: str | Path, device: str | torch.device = "cpu") -> tuple[LatentDiffusion, dict[str, Any]]:
+    """(model, info) from a stage-2 export folder; ``info`` holds the config and meta for manifests."""
     register_resolvers()
     tensors, config, meta = read_export(folder, kind="ldm")
     source = str(folder)
-    unet = instantiate(config.unet)
-    load_state_strict(unet, _split(tensors, "model.diffusion_model."), source)
+    backbone = instantiate(backbone_config_of(config))
+    load_state_strict(backbone, _split(tensors, "model.diffusion_model."), source)
     autoencoder = instantiate(config.autoencoder)
     load_state_strict(autoencoder, _split(tensors, "first_stage_model."), source)
     conditioner = load_conditioner(config.conditioner, _split(tensors, "cond_stage_model."), source)
     first_stage = FirstStage(autoencoder, float(tensors["scale_factor"]))
     objective = instantiate(config.objective)
-    sampler = LatentSampler(frozen(unet).to(device), conditioner.to(device), first_stage.to(device), objective)
+    model = LatentDiffusion(frozen(backbone), conditioner, first_stage, objective).to(device)
     info = {"config": OmegaConf.to_container(config), "meta": meta, "source": source}
-    return sampler, info
+    return model, info
 
 
 def load_ldm_checkpoint(path: str | Path, device: str | torch.device = "cpu", use_ema: bool = True):
-    """(sampler, info) from a Lightning ``.ckpt`` of a stage-2 run, rebuilt from the run's config.yaml.
+    """(model, info) from a Lightning ``.ckpt`` of a stage-2 run, rebuilt from the run's config.yaml.
 
     Loaded with ``weights_only=True``: a checkpoint is never unpickled.
     """
@@ -79,15 +86,23 @@ def load_ldm_checkpoint(path: str | Path, device: str | torch.device = "cpu", us
     run_config = path.parent.parent / "config.yaml"
     if not run_config.is_file():
         raise ExportError(f"{run_config} is missing: a checkpoint is loaded with the config of the run that wrote it")
-    cfg = OmegaConf.load(run_config)
+    cfg = upgrade_run_config(OmegaConf.load(run_config))
     if cfg.stage.name != "ldm":
         raise ExportError(f"{path} is a checkpoint of stage {cfg.stage.name!r}, not of a latent diffusion model")
-    module = instantiate(cfg.stage.module)
-    load_state_strict(module, restore_frozen_state(checkpoint, module, module.frozen_fingerprint), str(path))
-    module.to(device).eval()
-    sampler = module.sampler(use_ema=use_ema)
+    # The model alone (no LightningModule): the checkpoint's `model.*` keys, and the EMA copy's `ema.model.*`
+    # in place of the backbone's when use_ema.
+    model = instantiate(cfg.stage.module.model)
+    upgrade_checkpoint_keys(checkpoint)
+    holder = torch.nn.Module()
+    holder.model = model
+    state = restore_frozen_state(checkpoint, holder, lambda: tensors_hash(model.frozen_state(prefix="model.")))
+    load_state_strict(model, _split(state, "model."), str(path))
+    ema = _split(state, "ema.model.")
+    if use_ema and ema:
+        load_state_strict(model.backbone, ema, str(path))
+    model.to(device).eval()
     info = {"config": OmegaConf.to_container(cfg, resolve=True), "meta": {"kind": "ldm"}, "source": str(path)}
-    return sampler, info
+    return model, info
 
 
 def load_ldm(path: str | Path, device: str | torch.device = "cpu", use_ema: bool = True):
@@ -96,3 +111,16 @@ def load_ldm(path: str | Path, device: str | torch.device = "cpu", use_ema: bool
     if path.suffix == ".ckpt":
         return load_ldm_checkpoint(path, device, use_ema)
     return load_ldm_export(path, device)
+
+
+def upgrade_run_config(cfg: Any) -> Any:
+    """A run config.yaml written before the model layer (``stage.module.{unet, conditioner, first_stage,
+    objective}``) in today's layout (``stage.module.model``), so its checkpoints still load."""
+    module = cfg.stage.get("module") if "stage" in cfg else None
+    if module is None or "unet" not in module:
+        return cfg
+    with open_dict(cfg):
+        parts = {key: module.pop(key) for key in ("unet", "conditioner", "first_stage", "objective")}
+        module.model = {"_target_": "ldm.model.LatentDiffusion", "backbone": parts["unet"],
+                        **{key: parts[key] for key in ("conditioner", "first_stage", "objective")}}
+    return cfg

@@ -94,12 +94,13 @@ class LatentDiffusionExport(pl.Callback):
     def export_config(self, pl_module: pl.LightningModule) -> dict[str, Any]:
         cfg = self.cfg
         return {
-            "unet": OmegaConf.to_container(cfg.model.ldm.unet, resolve=True),
+            "backbone": backbone_config(OmegaConf.to_container(cfg.model.ldm.backbone, resolve=True),
+                                        pl_module.model.backbone_kwargs),
             "conditioner": OmegaConf.to_container(cfg.cond.conditioner, resolve=True),
             "objective": OmegaConf.to_container(cfg.objective, resolve=True),
-            "autoencoder": self.first_stage_config(pl_module.first_stage.autoencoder),
+            "autoencoder": self.first_stage_config(pl_module.model.first_stage.autoencoder),
             "sampler": OmegaConf.to_container(cfg.sampler, resolve=True),
-            "scale_factor": float(pl_module.first_stage.scale_factor),
+            "scale_factor": float(pl_module.model.first_stage.scale_factor),
             "data": OmegaConf.to_container(cfg.data, resolve=True),
         }
 
@@ -109,9 +110,20 @@ class LatentDiffusionExport(pl.Callback):
             return
         meta = {
             "kind": "ldm",
-            "latent_channels": int(pl_module.first_stage.latent_channels),
+            "latent_channels": int(pl_module.model.first_stage.latent_channels),
             "global_step": int(trainer.global_step),
             "first_stage_export": str(self.cfg.first_stage.path),
         }
         save_export(self.folder, tensors, self.export_config(pl_module), meta)
         print(f"latent diffusion export: {self.folder}", flush=True)
+
+
+def backbone_config(node: dict[str, Any], wired: dict[str, Any]) -> dict[str, Any]:
+    """The export's backbone config: the configured factory plus what the model wired into it from its
+    conditioning, so the export rebuilds the backbone alone. A UNet keeps its cross-attention width in its
+    TransformerSpec, as CompVis configs (and ldm-export's conversions) expect."""
+    config = {k: v for k, v in node.items() if k != "_partial_"} | wired
+    transformer = config.get("transformer")
+    if isinstance(transformer, dict) and "context_dim" in config:
+        config["transformer"] = {**transformer, "context_dim": config.pop("context_dim")}
+    return config

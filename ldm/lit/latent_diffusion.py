@@ -1,8 +1,5 @@
-"""Stage 2: DDPM in the latent space of a frozen autoencoder (Rombach et al. 2022, sec. 3.2-3.3).
-
-The LightningModule only wires parts that each live elsewhere: the UNet (ldm.nets.unet), the
-conditioner (ldm.nets.conditioners), the frozen first stage (ldm.lit.first_stage), the diffusion
-objective and samplers (ldm.diffusion), and the EMA (ldm.lit.ema).
+"""Stage 2 under Lightning: the optimizer, the EMA, logging, previews and checkpoints around the
+Lightning-free model (``ldm.model.LatentDiffusion``: backbone + conditioner + frozen first stage + objective).
 """
 
 from __future__ import annotations
@@ -15,15 +12,17 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
-from ldm.config import ConfigError
-from ldm.diffusion.objective import DiffusionObjective
-from ldm.io.checkpoint_io import omit_frozen_state, restore_frozen_state, tensors_hash
+from ldm.errors import ConfigError
+from ldm.io.checkpoint_io import (
+    omit_frozen_state,
+    restore_frozen_state,
+    tensors_hash,
+    upgrade_checkpoint_keys,
+)
 from ldm.lit import sharding
 from ldm.lit.ema import EMA, EMAConfig
-from ldm.lit.first_stage import FirstStage
 from ldm.lit.images import log_image_grid
-from ldm.lit.inpainting import INPAINT_KEY, inpaint_condition, random_box_masks
-from ldm.sampling import LatentSampler, sample_sharded
+from ldm.model import LatentDiffusion, sample_sharded
 
 # Training loss is also logged per quarter of the timestep range: where a model is weak shows there.
 NUM_LOSS_BUCKETS = 4
@@ -46,13 +45,13 @@ class PreviewConfig:
 class SpeedConfig:
     """Speed/memory switches that do not change the maths (gradient checkpointing is a UNet argument).
 
-    compile_unet: ``torch.compile`` the training UNet in place (``nn.Module.compile``, so state-dict keys
+    compile_unet: ``torch.compile`` the training backbone in place (``nn.Module.compile``, so state-dict keys
         keep the CompVis layout); the EMA copy is never compiled: it runs rarely, at other batch sizes.
     compile_mode: torch.compile mode ("default", "reduce-overhead", "max-autotune").
-    channels_last: NHWC memory format for the UNet's convolutions (faster on tensor cores and oneDNN).
+    channels_last: NHWC memory format for the backbone's convolutions (faster on tensor cores and oneDNN).
     vae_chunk_size: the frozen first stage encodes/decodes at most this many images at a time, which
         bounds its activation memory for large batches; null = the whole batch at once.
-    fsdp_units: under FSDP, the UNet submodules (by class name) sharded as one unit each: one all-gather
+    fsdp_units: under FSDP, the backbone submodules (by class name) sharded as one unit each: one all-gather
         of their weights in forward, one reduce-scatter of their gradients in backward.
     """
 
@@ -63,27 +62,10 @@ class SpeedConfig:
     fsdp_units: tuple[str, ...] = ("ResBlock", "SpatialTransformer", "DiTBlock")
 
 
-def check_compatibility(unet: nn.Module, conditioner: nn.Module, first_stage: FirstStage) -> None:
-    """Fail at start-up, naming both values, when the parts cannot work together."""
-    latent = first_stage.latent_channels
-    if unet.out_channels != latent:
-        raise ConfigError(
-            f"UNet out_channels={unet.out_channels} but the first stage has {latent} latent channels: "
-            f"set model.ldm.unet.out_channels={latent}"
-        )
-    try:
-        conditioner.check_unet(unet, latent)
-    except ValueError as err:
-        raise ConfigError(f"{err} Fix model.ldm.unet (or pick a matching cond=).") from err
-
-
 class LatentDiffusionModule(pl.LightningModule):
     def __init__(
         self,
-        unet: nn.Module,
-        conditioner: nn.Module,
-        first_stage: FirstStage,
-        objective: DiffusionObjective,
+        model: LatentDiffusion,
         optimizer: Any,
         lr: float,
         lr_scheduler: Any = None,
@@ -93,48 +75,40 @@ class LatentDiffusionModule(pl.LightningModule):
         noise_seed: int = 0,
     ) -> None:
         super().__init__()
-        check_compatibility(unet, conditioner, first_stage)
         self.speed = speed or SpeedConfig()
         if self.speed.channels_last:
-            unet = unet.to(memory_format=torch.channels_last)
+            model.backbone.to(memory_format=torch.channels_last)
         if self.speed.vae_chunk_size is not None:
-            first_stage.chunk_size = int(self.speed.vae_chunk_size)
-        self.unet = unet
-        self.conditioner = conditioner
-        self.first_stage = first_stage
-        self.objective = objective
+            model.first_stage.chunk_size = int(self.speed.vae_chunk_size)
+        self.model = model
         self.optimizer_factory = optimizer
         self.scheduler_factory = lr_scheduler
         self.lr = lr
         self.noise_seed = int(noise_seed)
         # The EMA copy is taken before any compilation, so it stays a plain module.
-        self.ema = EMA(unet, ema) if ema is not None else None
+        self.ema = EMA(model.backbone, ema) if ema is not None else None
         self.preview = preview or PreviewConfig()
         self.image_size: int | None = None
         self._preview_step = -1
         self._frozen_hash: str | None = None
         if self.speed.compile_unet:
-            self.unet.compile(mode=self.speed.compile_mode)
+            self.model.backbone.compile(mode=self.speed.compile_mode)
 
-    # --- the parts a sampler needs ------------------------------------------------------------
-    def sampling_unet(self) -> nn.Module:
-        return self.ema.model if self.ema is not None else self.unet
+    # --- the model a sampler uses ---------------------------------------------------------------
+    def sampling_backbone(self) -> nn.Module:
+        return self.ema.model if self.ema is not None else self.model.backbone
 
-    def sampler(self, use_ema: bool = True) -> LatentSampler:
-        return LatentSampler(
-            unet=self.sampling_unet() if use_ema else self.unet,
-            conditioner=self.conditioner,
-            first_stage=self.first_stage,
-            objective=self.objective,
-        )
+    def sampler(self, use_ema: bool = True) -> LatentDiffusion:
+        """The model with the EMA backbone (``use_ema``), sharing conditioner and first stage."""
+        return self.model.with_backbone(self.sampling_backbone()) if use_ema and self.ema is not None else self.model
 
     # --- training ---------------------------------------------------------------------------------
     def configure_model(self) -> None:
-        """FSDP (trainer=fsdp / fsdp_sim, Lightning's ModelParallelStrategy): shard the UNet, its EMA copy
+        """FSDP (trainer=fsdp / fsdp_sim, Lightning's ModelParallelStrategy): shard the backbone, its EMA copy
         (alike, so the average is taken shard by shard) and the conditioner's learned parts over the
         data-parallel mesh. Nothing to do under other strategies."""
         mesh = self.device_mesh
-        if mesh is None or sharding.is_sharded(self.unet):
+        if mesh is None or sharding.is_sharded(self.model.backbone):
             return
         if "tensor_parallel" in mesh.mesh_dim_names and mesh["tensor_parallel"].size() > 1:
             raise ConfigError("tensor parallelism is not implemented: set trainer.strategy.tensor_parallel_size=1")
@@ -143,11 +117,11 @@ class LatentDiffusionModule(pl.LightningModule):
         # tensors checkpoints omit; ldm-train has checked the checkpoint's keys at start-up (check_resume_checkpoint).
         self.strict_loading = False
         units = self.speed.fsdp_units
-        sharding.shard_module(self.unet, data_parallel, units)
+        sharding.shard_module(self.model.backbone, data_parallel, units)
         if self.ema is not None:
             sharding.shard_module(self.ema.model, data_parallel, units)
         # Learned conditioning (class embeddings) must be sharded too: FSDP reduces only its own gradients.
-        for embedder in getattr(self.conditioner, "embedders", [self.conditioner]):
+        for embedder in self.model.conditioner.embedders:
             if any(p.requires_grad for p in embedder.parameters()):
                 sharding.shard_module(embedder, data_parallel, ())
 
@@ -155,29 +129,6 @@ class LatentDiffusionModule(pl.LightningModule):
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if dm is not None and getattr(dm, "image_size", None):
             self.image_size = int(dm.image_size)
-
-    def latents(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> torch.Tensor:
-        """Scaled latents z0 (B, C, h, w): from the latent cache when the batch carries one."""
-        if "latent_mean" in batch:
-            return self.first_stage.scale(batch["latent_mean"], batch["latent_std"], generator=generator)
-        return self.first_stage.encode(batch["image"], generator=generator)
-
-    def with_inpaint_condition(self, batch: dict[str, Any], generator=None) -> dict[str, Any]:
-        """Inpainting models train on random holes in each image (cond=inpaint reads INPAINT_KEY)."""
-        if INPAINT_KEY not in self.conditioner.input_keys or INPAINT_KEY in batch:
-            return batch
-        if "image" not in batch:
-            raise ConfigError("cond=inpaint needs images to mask: turn stage.latent_cache off")
-        images = batch["image"]
-        holes = random_box_masks(images.shape[0], images.shape[-1], generator).to(images.device)
-        return {**batch, INPAINT_KEY: inpaint_condition(self.first_stage, images, holes)}
-
-    def diffusion_loss(self, unet: nn.Module, batch: dict[str, Any], generator=None):
-        batch = self.with_inpaint_condition(batch, generator)
-        z0 = self.latents(batch, generator)
-        cond = self.conditioner(batch)
-        per_sample, t = self.objective.loss(LatentSampler.model_fn(unet), z0, cond, generator=generator)
-        return per_sample, t
 
     def noise_generator(self, batch_idx: int) -> torch.Generator:
         """The generator of one training micro-batch's timesteps, noise, posterior sample, CFG drops and
@@ -193,7 +144,7 @@ class LatentDiffusionModule(pl.LightningModule):
         return torch.Generator(device=self.device).manual_seed(seed)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        per_sample, t = self.diffusion_loss(self.unet, batch, generator=self.noise_generator(batch_idx))
+        per_sample, t = self.model.loss(batch, generator=self.noise_generator(batch_idx))
         loss = per_sample.mean()
         batch_size = per_sample.shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
@@ -201,7 +152,7 @@ class LatentDiffusionModule(pl.LightningModule):
         return loss
 
     def _log_loss_buckets(self, per_sample: torch.Tensor, t: torch.Tensor) -> None:
-        num_timesteps = self.objective.schedule.num_train_timesteps
+        num_timesteps = self.model.objective.schedule.num_train_timesteps
         bucket = (t.float() * NUM_LOSS_BUCKETS / num_timesteps).long().clamp_(0, NUM_LOSS_BUCKETS - 1)
         for b in range(NUM_LOSS_BUCKETS):
             mask = bucket == b
@@ -214,8 +165,8 @@ class LatentDiffusionModule(pl.LightningModule):
         # on_train_batch_end: a checkpoint a callback writes there (ResumeCheckpoint on a requeue signal)
         # must hold this step's average. A step whose gradients were dropped (NonFiniteGuard sets them to
         # None) left the weights alone, so the EMA must not count it either.
-        if self.ema is not None and any(p.grad is not None for p in self.unet.parameters()):
-            self.ema.update(self.unet)
+        if self.ema is not None and any(p.grad is not None for p in self.model.backbone.parameters()):
+            self.ema.update(self.model.backbone)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         every = self.preview.every_n_steps
@@ -226,12 +177,12 @@ class LatentDiffusionModule(pl.LightningModule):
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         # The same noise and timesteps at every validation, so the curve shows the model, not the draw.
         generator = torch.Generator(device=self.device).manual_seed(10_000 + batch_idx)
-        per_sample, _ = self.diffusion_loss(self.sampling_unet(), batch, generator=generator)
+        per_sample, _ = self.model.loss(batch, generator=generator, backbone=self.sampling_backbone())
         # Synced: the checkpoint monitor must see every rank's share of the validation set, not rank 0's.
         self.log("val/loss", per_sample.mean(), prog_bar=True, batch_size=per_sample.shape[0], sync_dist=True)
         if self.ema is not None:
             generator.manual_seed(10_000 + batch_idx)
-            raw, _ = self.diffusion_loss(self.unet, batch, generator=generator)
+            raw, _ = self.model.loss(batch, generator=generator)
             self.log("val/loss_raw", raw.mean(), batch_size=raw.shape[0], sync_dist=True)
 
     @torch.no_grad()
@@ -240,7 +191,8 @@ class LatentDiffusionModule(pl.LightningModule):
         if self.image_size is None:
             return
         sampler = self.sampler()
-        conditions, nrow = sampler.preview_conditions(self.preview.per_class, self.preview.prompts)
+        conditions = sampler.example_conditions(self.preview.per_class, prompts=self.preview.prompts or None)
+        nrow = self.preview.per_class
         for scale in self.preview.guidance_scales:
             images = sample_sharded(sampler, conditions, self.image_size, self.preview.seed,
                                     sampler=self.preview.sampler, guidance_scale=scale,
@@ -252,10 +204,7 @@ class LatentDiffusionModule(pl.LightningModule):
     def frozen_state(self) -> dict[str, torch.Tensor]:
         """State of the parts that never train: the first stage and frozen conditioner encoders. Rebuilt from
         their source on resume instead of stored in every checkpoint (about 1 GB at SD-1.5 size)."""
-        trainable = {f"conditioner.{n}" for n, p in self.conditioner.named_parameters() if p.requires_grad}
-        own = self.state_dict()
-        return {k: v for k, v in own.items()
-                if k.startswith("first_stage.") or (k.startswith("conditioner.") and k not in trainable)}
+        return self.model.frozen_state(prefix="model.")
 
     def frozen_fingerprint(self) -> str:
         if self._frozen_hash is None:  # frozen: hashed once per run
@@ -266,12 +215,13 @@ class LatentDiffusionModule(pl.LightningModule):
         omit_frozen_state(checkpoint, self.frozen_state(), self.frozen_fingerprint())
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        upgrade_checkpoint_keys(checkpoint)
         checkpoint["state_dict"] = restore_frozen_state(checkpoint, self, self.frozen_fingerprint)
 
     # --- optimisation ----------------------------------------------------------------------------
     def trainable_parameters(self) -> list[nn.Parameter]:
-        # The conditioner's learned parts (class embeddings) train with the UNet; frozen encoders don't.
-        params = list(self.unet.parameters()) + [p for p in self.conditioner.parameters() if p.requires_grad]
+        # The conditioner's learned parts (class embeddings) train with the backbone; frozen encoders don't.
+        params = list(self.model.backbone.parameters()) + [p for p in self.model.conditioner.parameters() if p.requires_grad]
         return params
 
     def configure_optimizers(self):
@@ -283,13 +233,15 @@ class LatentDiffusionModule(pl.LightningModule):
 
     # --- export -------------------------------------------------------------------------------------
     def export_tensors(self) -> dict[str, torch.Tensor]:
-        """CompVis single-file layout: the EMA UNet is the model (as SD checkpoints ship it). Collective
+        """CompVis single-file layout: the EMA backbone is the model (as SD checkpoints ship it). Collective
         under FSDP (the shards are gathered): every rank must call it."""
-        tensors = {f"model.diffusion_model.{k}": v for k, v in sharding.full_state_dict(self.sampling_unet()).items()}
+        model = self.model
+        tensors = {f"model.diffusion_model.{k}": v for k, v in sharding.full_state_dict(self.sampling_backbone()).items()}
         # Frozen pretrained encoders are referenced by their config, not copied: only learned parts ship.
-        learned = {n for n, p in self.conditioner.named_parameters() if p.requires_grad}
-        conditioner = sharding.full_state_dict(self.conditioner)
+        learned = {n for n, p in model.conditioner.named_parameters() if p.requires_grad}
+        conditioner = sharding.full_state_dict(model.conditioner)
         tensors.update({f"cond_stage_model.{k}": v for k, v in conditioner.items() if k in learned})
-        tensors.update({f"first_stage_model.{k}": v for k, v in self.first_stage.autoencoder.state_dict().items()})
-        tensors["scale_factor"] = self.first_stage.scale_factor.detach().clone()
+        tensors.update({f"first_stage_model.{k}": v for k, v in model.first_stage.autoencoder.state_dict().items()})
+        tensors["scale_factor"] = model.first_stage.scale_factor.detach().clone()
         return tensors
+

@@ -92,15 +92,12 @@ class SampleMetricsCallback(pl.Callback):
     # --- work -----------------------------------------------------------------------------------------
     def conditions(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
         from ldm.data.captions import held_out_prompt
-        from ldm.sampling import class_conditions
 
-        conditioner = pl_module.conditioner
-        num_classes = getattr(conditioner, "num_classes", None) or getattr(getattr(trainer, "datamodule", None), "num_classes", None)
-        uses_text = "caption" in getattr(conditioner, "input_keys", ())
-        if not num_classes:
-            return {"n": [None] * self.per_class}
+        conditioner = pl_module.model.conditioner
+        num_classes = conditioner.num_classes or getattr(getattr(trainer, "datamodule", None), "num_classes", None)
         # Text models get a held-out prompt per class, so accuracy also measures prompt following.
-        return class_conditions(int(num_classes), self.per_class, held_out_prompt if uses_text else None)
+        return conditioner.example_conditions(self.per_class, labels=range(num_classes) if num_classes else None,
+                                              caption_for=held_out_prompt)
 
     def compute(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
         """Generate the fixed set and measure it: ``{prefix + name: value, prefix + name_n: count, ...}``.
@@ -108,20 +105,15 @@ class SampleMetricsCallback(pl.Callback):
         Every rank calls it: the set is drawn in shares across the ranks (``sample_sharded``), rank 0
         measures it, and every rank returns rank 0's numbers."""
         from ldm import distributed
-        from ldm.sampling import sample_sharded
+        from ldm.model import sample_sharded
 
         if pl_module.image_size is None:
             raise ValueError("the module has no image_size yet: SampleMetricsCallback needs a datamodule with image_size")
-        sampler = pl_module.sampler()
-        was_training = sampler.unet.training
-        sampler.unet.eval()  # no dropout while sampling, whether or not the EMA copy is used
-        try:
-            conditions = self.conditions(trainer, pl_module)
-            images = sample_sharded(sampler, conditions, int(pl_module.image_size), self.seed, sampler=self.sampler_cfg,
-                                    guidance_scale=self.guidance_scale, guidance_rescale=self.guidance_rescale,
-                                    batch_size=self.batch_size)
-        finally:
-            sampler.unet.train(was_training)
+        sampler = pl_module.sampler()  # samples in eval mode (LatentDiffusion.sample owns it)
+        conditions = self.conditions(trainer, pl_module)
+        images = sample_sharded(sampler, conditions, int(pl_module.image_size), self.seed, sampler=self.sampler_cfg,
+                                guidance_scale=self.guidance_scale, guidance_rescale=self.guidance_rescale,
+                                batch_size=self.batch_size)
         return distributed.on_rank_zero(lambda: self._measure_set(images, conditions, trainer.global_step),
                                         f"SampleMetricsCallback at step {trainer.global_step}")
 

@@ -125,8 +125,8 @@ def reference_source(cfg: DictConfig, resolution: int, split: str) -> tuple[str,
         mode = "pad" if resolution >= 28 else "resize"  # as MNIST5kDataModule prepares its images
 
         def mnist_images() -> np.ndarray:
-            from ldm.data.base import fit_uint8_images
             from ldm.data.mnist5k import load_mnist5k_arrays, stratified_split
+            from ldm.data.tensor_images import fit_uint8_images
 
             images, labels = load_mnist5k_arrays()
             train_idx, val_idx = stratified_split(labels, fraction, seed)

@@ -7,6 +7,7 @@ load without renaming: `time_embed`, `label_emb`, `input_blocks`, `middle_block`
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -186,6 +187,8 @@ class UNetModel(nn.Module):
         num_classes: class-conditional via `label_emb = nn.Embedding(num_classes, 4 * model_channels)`
             added to the time embedding; `y` is then (B,) long.
         adm_in_channels: vector-conditional via an MLP `label_emb` (SDXL's "sequential"); `y` is (B, D).
+        context_dim: cross-attention width, given by the model's conditioner (``ldm.nets.backbone``); it fills
+            the TransformerSpec's context_dim (which must then be unset or equal).
     """
 
     def __init__(
@@ -193,10 +196,17 @@ class UNetModel(nn.Module):
         num_res_blocks: int, transformer: TransformerSpec | Mapping | None = None,
         use_scale_shift_norm: bool = False, resblock_updown: bool = False, dropout: float = 0.0,
         gradient_checkpointing: bool = False, num_classes: int | None = None, adm_in_channels: int | None = None,
+        context_dim: int | None = None,
     ):
         super().__init__()
         if isinstance(transformer, Mapping):
             transformer = TransformerSpec(**transformer)
+        if context_dim is not None:
+            if transformer is None:
+                raise ValueError(f"context_dim={context_dim} needs cross-attention: give the UNet a transformer spec.")
+            if transformer.context_dim not in (None, context_dim):
+                raise ValueError(f"context_dim={context_dim} but transformer.context_dim={transformer.context_dim}.")
+            transformer = dataclasses.replace(transformer, context_dim=int(context_dim))
         if num_classes is not None and adm_in_channels is not None:
             raise ValueError("Use either num_classes (label y) or adm_in_channels (vector y), not both.")
         if num_res_blocks < 1 or not channel_mult:

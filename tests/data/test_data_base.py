@@ -6,14 +6,12 @@ import torch
 
 from ldm.data.base import (
     EpochShuffleSampler,
-    TensorImageDataset,
     collate_examples,
-    fit_uint8_images,
     sample_seed,
     split_key,
     stratified_split,
-    uint8_to_signed_unit,
 )
+from ldm.data.tensor_images import TensorImageDataset, fit_uint8_images, uint8_to_signed_unit
 
 
 def test_collate_builds_the_shared_batch_dict():

@@ -7,9 +7,9 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from ldm.config import ConfigError
+from ldm.errors import ConfigError
 from ldm.io.compvis import load_pretrained_autoencoder
-from ldm.lit.first_stage import FirstStage
+from ldm.model.first_stage import FirstStage
 
 SD_SCALE_FACTOR = 0.18215  # 1/std of SD-1.x/2.x kl-f8 latents on its training data (CompVis configs)
 

@@ -7,8 +7,8 @@ import math
 import torch
 from torch import nn
 
-from ldm.config import ConfigError
 from ldm.diffusion.schedules import gaussian_noise
+from ldm.errors import ConfigError
 from ldm.io.export import load_autoencoder
 
 

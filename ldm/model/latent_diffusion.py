@@ -1,0 +1,184 @@
+"""The latent diffusion model without Lightning (Rombach et al. 2022, sec. 3.2-3.3).
+
+``LatentDiffusion`` = backbone (UNet, DiT, ...) + conditioner + frozen first stage + the diffusion objective
+(schedule and parameterization, in ``ldm.diffusion``). It offers what training, sampling and the CLIs share:
+``loss(batch, generator)``, ``denoiser(cond)`` and ``sample(conditions, ...)`` (SDEdit and inpainting included),
+and it owns eval mode while sampling. Lightning (``ldm.lit``) adds only the optimizer, EMA, logging and
+callbacks around it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from ldm.diffusion import samplers as sampler_lib
+from ldm.diffusion.guidance import ClassifierFreeGuidance
+from ldm.diffusion.objective import Denoiser, DiffusionObjective
+from ldm.errors import ConfigError
+from ldm.model.edit import LatentEdit
+from ldm.model.first_stage import FirstStage
+from ldm.model.sharded import batch_size_of, slice_conditions
+from ldm.nets.backbone import check_backbone, run_backbone
+
+log = logging.getLogger(__name__)
+
+BackboneFactory = Callable[..., nn.Module]
+
+
+class LatentDiffusion(nn.Module):
+    """backbone: a built backbone (checked against the conditioning), or a factory (a class or a Hydra
+    ``_partial_``) that is called with the conditioner's spec (``ConditionSpec.backbone_kwargs``): channels,
+    context width and label count then come from the conditioner and the first stage, never from a config copy.
+    """
+
+    def __init__(self, backbone: nn.Module | BackboneFactory, conditioner: nn.Module, first_stage: FirstStage,
+                 objective: DiffusionObjective) -> None:
+        super().__init__()
+        latent = first_stage.latent_channels
+        # The arguments the backbone took from the conditioning: an export records them with its own config.
+        self.backbone_kwargs = conditioner.spec.backbone_kwargs(latent)
+        if not isinstance(backbone, nn.Module):
+            try:
+                backbone = backbone(**self.backbone_kwargs)
+            except TypeError as err:
+                raise ConfigError(f"the backbone factory does not take the conditioning's arguments "
+                                  f"{sorted(self.backbone_kwargs)}: {err}. A backbone config leaves in_channels, "
+                                  "out_channels, context_dim, num_classes and adm_in_channels to the model") from err
+        try:
+            check_backbone(backbone, conditioner.spec, latent)
+        except ValueError as err:
+            raise ConfigError(f"{err} Fix model.ldm.backbone (or pick a matching cond=).") from err
+        self.backbone = backbone
+        self.conditioner = conditioner
+        self.first_stage = first_stage
+        self.objective = objective
+
+    def with_backbone(self, backbone: nn.Module) -> LatentDiffusion:
+        """The same model with another backbone of the same shape (the EMA copy), sharing everything else."""
+        return LatentDiffusion(backbone, self.conditioner, self.first_stage, self.objective)
+
+    def frozen_state(self, prefix: str = "") -> dict[str, torch.Tensor]:
+        """The tensors that never train: the first stage and frozen conditioner encoders (keys with ``prefix``).
+        Checkpoints leave them out and take them from their source (an export, pretrained weights) on load."""
+        trainable = {f"conditioner.{n}" for n, p in self.conditioner.named_parameters() if p.requires_grad}
+        return {prefix + k: v for k, v in self.state_dict().items()
+                if k.startswith("first_stage.") or (k.startswith("conditioner.") and k not in trainable)}
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.backbone.parameters()).device
+
+    # --- training --------------------------------------------------------------------------------
+    def latents(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> torch.Tensor:
+        """Scaled latents z0 (B, C, h, w): from precomputed posterior moments when the batch carries them."""
+        if "latent_mean" in batch:
+            return self.first_stage.scale(batch["latent_mean"], batch["latent_std"], generator=generator)
+        return self.first_stage.encode(batch["image"], generator=generator)
+
+    def loss(self, batch: dict[str, Any], generator: torch.Generator | None = None,
+             backbone: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(per-sample weighted loss (B,), timesteps (B,)); ``backbone`` overrides the model's (the EMA copy)."""
+        batch = self.conditioner.prepare(batch, self.first_stage, generator)
+        z0 = self.latents(batch, generator)
+        cond = self.conditioner(batch, generator=generator)
+        net = backbone if backbone is not None else self.backbone
+        return self.objective.loss(lambda x, t, c: run_backbone(net, x, t, c), z0, cond, generator=generator)
+
+    # --- sampling --------------------------------------------------------------------------------
+    def denoiser(self, cond: Any = None, guidance_scale: float = 1.0, guidance_rescale: float = 0.0,
+                 uncond: Any = None) -> Denoiser:
+        """The sampler contract denoise(x_t, t, cond) -> x0_hat, under classifier-free guidance when
+        ``guidance_scale != 1`` (``uncond``: the unconditional condition dict)."""
+        denoise = self.objective.denoiser(lambda x, t, c: run_backbone(self.backbone, x, t, c))
+        if guidance_scale == 1.0:
+            return denoise
+        if uncond is None:
+            raise ValueError("guidance needs the unconditional condition (uncond=)")
+        return ClassifierFreeGuidance(denoise, uncond, guidance_scale, rescale=guidance_rescale,
+                                      schedule=self.objective.schedule)
+
+    @contextlib.contextmanager
+    def inference(self) -> Iterator[None]:
+        """Eval mode (no dropout, no condition dropout) and no autograd; the previous modes come back after."""
+        modes = [(m, m.training) for m in (self.backbone, self.conditioner)]
+        for module, _ in modes:
+            module.eval()
+        try:
+            with torch.no_grad():
+                yield
+        finally:
+            for module, mode in modes:
+                module.train(mode)
+
+    def example_conditions(self, per_group: int, **kwargs: Any) -> dict[str, Any]:
+        """See ``Conditioner.example_conditions``."""
+        return self.conditioner.example_conditions(per_group, **kwargs)
+
+    def latent_shape(self, image_size: int) -> tuple[int, int, int]:
+        f = self.first_stage.downsample_factor
+        if image_size % f:
+            raise ValueError(f"image size {image_size} is not divisible by the first stage's factor {f}")
+        return self.first_stage.latent_channels, image_size // f, image_size // f
+
+    def sample(
+        self,
+        conditions: dict[str, Any],
+        image_size: int,
+        sampler: dict[str, Any] | None = None,
+        guidance_scale: float = 1.0,
+        generator: torch.Generator | None = None,
+        batch_size: int = 256,
+        progress: Callable[[int, int], None] | None = None,
+        edit: LatentEdit | None = None,
+        guidance_rescale: float = 0.0,
+    ) -> torch.Tensor:
+        """Images (N, C, H, W) in [-1, 1]; same generator seed -> same images.
+
+        ``conditions`` maps batch keys to inputs (``example_conditions`` makes them); an embedder whose key is
+        absent runs unconditionally, and ``{"n": [None] * N}`` alone samples N unconditional images.
+        ``edit`` starts from given latents (SDEdit) and/or keeps a masked region of them (inpainting).
+        ``guidance_rescale`` is phi of Lin et al. 2023 (eq. 15-17; 0 = off, they use 0.7).
+        Guidance is skipped when the model has no guided condition (unconditional, or concat only): both
+        branches would be the same network call.
+        """
+        sampler = dict(sampler or {"name": "ddim", "steps": 50})
+        name = sampler.pop("name")
+        n = batch_size_of(conditions)
+        shape = self.latent_shape(image_size)
+        given = any(key != "n" for key in conditions)  # {"n": ...} alone: no inputs, already unconditional
+        guide = guidance_scale != 1.0 and self.conditioner.guided and given
+        if guidance_scale != 1.0 and not guide:
+            log.info("guidance_scale=%g skipped: no guided condition is given, so the unconditional prediction "
+                     "is the conditional one (one network call per step)", guidance_scale)
+        device, out = self.device, []
+        with self.inference():
+            for start in range(0, n, batch_size):
+                chunk = slice_conditions(conditions, start, min(n, start + batch_size))
+                m = batch_size_of(chunk)
+                chunk = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in chunk.items() if k != "n"}
+                if chunk:
+                    cond = self.conditioner(chunk, allow_missing=True, spatial_size=shape[1:])
+                else:
+                    cond = self.conditioner.unconditional(m, device=device, spatial_size=shape[1:])
+                uncond = (self.conditioner(chunk, force_unconditional=True, allow_missing=True, spatial_size=shape[1:])
+                          if guide else None)
+                denoise = self.denoiser(guidance_scale=guidance_scale if guide else 1.0,
+                                        guidance_rescale=guidance_rescale, uncond=uncond)
+                noise = torch.randn((m, *shape), generator=generator, device=device)
+                kwargs = dict(sampler)
+                if edit is not None:
+                    part = edit.slice(start, start + m, device)
+                    denoise = part.keep_known(denoise)
+                    noise, kwargs = part.start(noise, self.objective.schedule, kwargs)
+                z0 = sampler_lib.sample(name, denoise, noise, self.objective.schedule, cond=cond, generator=generator,
+                                        **kwargs)
+                out.append(self.first_stage.decode(z0).clamp(-1, 1).float().cpu())
+                if progress is not None:
+                    progress(min(n, start + batch_size), n)
+        return torch.cat(out)
