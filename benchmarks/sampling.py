@@ -47,7 +47,7 @@ def main() -> None:
     image_size = int(cfg.data.image_size)
 
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, {args.images} images of {image_size} px "
-          f"per run, UNet {cfg.model.ldm.unet.model_channels}ch x {list(cfg.model.ldm.unet.channel_mult)}")
+          f"per run, UNet {cfg.model.ldm.backbone.model_channels}ch x {list(cfg.model.ldm.backbone.channel_mult)}")
     for scale in (1.0, args.guidance):  # first calls pay for oneDNN kernel selection: not timed
         sampler.sample({"label": labels}, image_size=image_size, sampler={"name": "ddim", "steps": 2},
                        guidance_scale=scale, batch_size=args.images)

@@ -88,7 +88,7 @@ def main() -> None:
         rows["cache (hit)"] = time_epoch(cfg, cached=True, batches=args.batches, cache_dir=workdir / "latents")
 
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, data {cfg.data._target_}, "
-          f"batch {cfg.data.batch_size}, UNet {cfg.model.ldm.unet.model_channels}ch x {list(cfg.model.ldm.unet.channel_mult)}")
+          f"batch {cfg.data.batch_size}, UNet {cfg.model.ldm.backbone.model_channels}ch x {list(cfg.model.ldm.backbone.channel_mult)}")
     header = f"{'variant':<14} {'batches':>7} {'epoch s':>9} {'s/batch':>8} {'setup s':>8}"
     print(header + "\n" + "-" * len(header))
     for name, r in rows.items():

@@ -259,7 +259,7 @@ def test_stage1_checkpoint_cannot_resume_stage2(vae_straight, compose_cfg, tmp_p
 
 def test_checkpoint_of_another_model_size_is_refused(ldm_straight, vae_straight, compose_cfg, tmp_path):
     ckpt = ldm_straight / "checkpoints" / "last.ckpt"
-    overrides = [*ldm_overrides(vae_straight / "export"), "model.ldm.unet.model_channels=64", f"ckpt_path={ckpt}"]
+    overrides = [*ldm_overrides(vae_straight / "export"), "model.ldm.backbone.model_channels=64", f"ckpt_path={ckpt}"]
     with pytest.raises(CheckpointError, match=r"does not fit this run(.|\n)*shape of ema.model.input_blocks.0.0.bias: checkpoint \(32,\) vs model \(64,\)"):
         train(compose_cfg(overrides, tmp_path))
 

@@ -19,7 +19,7 @@ from ldm.config import ConfigError
 from ldm.data.mnist5k import load_mnist5k_arrays
 from ldm.io.export import read_export, save_export
 from ldm.io.load import load_ldm
-from ldm.lit.first_stage import FirstStage
+from ldm.model import FirstStage
 from ldm.sample import run
 from ldm.train import train
 

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 from ldm.diffusion.objective import DiffusionObjective
 from ldm.diffusion.schedules import NoiseSchedule
 from ldm.lit.ema import EMAConfig
-from ldm.lit.first_stage import FirstStage
+from ldm.model import FirstStage
 from ldm.lit.latent_diffusion import LatentDiffusionModule, SpeedConfig
 from ldm.nets.autoencoder import AutoencoderKL
 from ldm.nets.conditioners import ClassEmbedder, Conditioner

@@ -75,7 +75,7 @@ def test_a_dit_backbone_trains_exports_and_samples_in_the_unet_slot(stage1, comp
                        "stage.final_samples.per_class=1", "stage.final_samples.judge=null", "sampler=ddim",
                        "sampler.steps=3", *FAST], tmp_path)
     if model != "dit_tiny":
-        net = instantiate(cfg.model.ldm.unet)
+        net = instantiate(cfg.model.ldm.backbone)
         assert isinstance(net, DiT) and net.out_channels == 3
         assert (net.context_dim is None) == (cond == "class_vector")
         return
@@ -103,7 +103,7 @@ def test_stage2_with_latent_cache_hits_the_second_time(stage1, compose_cfg, tmp_
 def test_channel_mismatch_between_first_stage_and_unet_fails_at_start(stage1, compose_cfg, tmp_path):
     vae_out, _ = stage1
     cfg = compose_cfg(["stage=ldm", "model/ldm=unet_tiny", f"first_stage.path={vae_out / 'export'}",
-                    "model.ldm.unet.in_channels=7", *FAST], tmp_path)
+                    "model.ldm.backbone.in_channels=7", *FAST], tmp_path)
     with pytest.raises(ConfigError, match="in_channels=7 but latent_channels=3"):
         train(cfg)
 

@@ -129,7 +129,8 @@ def test_unreadable_checkpoints_are_named_with_the_fix(tmp_path):
 class StageTwo(nn.Module):
     def __init__(self, width: int = 4) -> None:
         super().__init__()
-        self.unet = nn.Linear(width, width)
+        self.model = nn.Module()
+        self.model.backbone = nn.Linear(width, width)
 
 
 def test_a_checkpoint_of_another_stage_or_shape_is_refused(tmp_path):
@@ -140,8 +141,12 @@ def test_a_checkpoint_of_another_stage_or_shape_is_refused(tmp_path):
     narrow = tmp_path / "narrow.ckpt"
     torch.save(lightning_like(1, **StageTwo(4).state_dict()), narrow)
     check_resume_checkpoint(narrow, StageTwo(4), "ldm")  # fits
-    with pytest.raises(CheckpointError, match=r"shape of unet.weight: checkpoint \(4, 4\) vs model \(8, 8\)"):
+    with pytest.raises(CheckpointError, match=r"shape of model.backbone.weight: checkpoint \(4, 4\) vs model \(8, 8\)"):
         check_resume_checkpoint(narrow, StageTwo(8), "ldm")
+    # a checkpoint from before the model layer (unet.*, first_stage.*) is read in today's layout
+    old = tmp_path / "old.ckpt"
+    torch.save(lightning_like(1, **{"unet.weight": torch.ones(4, 4), "unet.bias": torch.ones(4)}), old)
+    check_resume_checkpoint(old, StageTwo(4), "ldm")
 
 
 def test_ckpt_last_picks_the_newest_of_last_and_a_slurm_requeue_checkpoint(tmp_path):

@@ -1,6 +1,6 @@
 import torch
 
-from ldm.lit.inpainting import inpaint_condition, random_box_masks
+from ldm.model.inpainting import inpaint_condition, random_box_masks
 
 
 def test_random_box_masks_are_seeded_rectangles_of_a_quarter_to_three_quarters_per_side():

