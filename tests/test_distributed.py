@@ -69,7 +69,7 @@ class RankRecorder(pl.Callback):
             "rank": trainer.global_rank,
             "world_size": trainer.world_size,
             "global_step": trainer.global_step,
-            "unet": state_hash(pl_module.unet),
+            "unet": state_hash(pl_module.model.backbone),
             "ema": state_hash(pl_module.ema.model) if pl_module.ema is not None else None,
             "timesteps": self.timesteps,
             "metrics": {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")},

@@ -15,8 +15,8 @@ from hydra import compose, initialize_config_dir
 from PIL import Image
 
 from ldm.config import ConfigError
-from ldm.data.tensor_images import fit_uint8_images
 from ldm.data.mnist5k import load_mnist5k_arrays, stratified_split
+from ldm.data.tensor_images import fit_uint8_images
 from ldm.evaluate import evaluate, flat_metrics, load_samples, summary_line
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"

@@ -91,7 +91,7 @@ def stage2_batch(n: int = 2) -> dict:
 def test_stage2_options_train_a_step_on_a_vq_f4_first_stage(vq_export, compose_cfg, tmp_path, overrides):
     cfg = compose_cfg([*STAGE2, *overrides, f"first_stage.path={vq_export}"], tmp_path)
     module = fit_one_step(cfg, stage2_batch())
-    assert type(module.first_stage.autoencoder).__name__ == "VQModel" and module.first_stage.latent_channels == 3
+    assert type(module.model.first_stage.autoencoder).__name__ == "VQModel" and module.model.first_stage.latent_channels == 3
 
 
 def test_adamw_cosine_decays_to_zero_over_the_run(vq_export, compose_cfg, tmp_path):
@@ -100,7 +100,7 @@ def test_adamw_cosine_decays_to_zero_over_the_run(vq_export, compose_cfg, tmp_pa
     module = instantiate_checked(cfg.stage.module, "stage.module")
     optimizer = cfg.optim.optimizer
     schedule = instantiate_checked(cfg.optim.scheduler, "optim.scheduler")(
-        instantiate_checked(optimizer, "optim.optimizer")(module.unet.parameters(), lr=1.0))
+        instantiate_checked(optimizer, "optim.optimizer")(module.model.backbone.parameters(), lr=1.0))
     lrs = []
     for _ in range(11):
         lrs.append(schedule.get_last_lr()[0])
@@ -145,12 +145,12 @@ def tiny_text_encoder(kind: str, folder: Path) -> str:
 def test_text_encoder_options_tokenize_and_train_a_step(vq_export, compose_cfg, tmp_path, kind):
     folder = tiny_text_encoder(kind, tmp_path / kind)
     cfg = compose_cfg([*STAGE2, "model/ldm=unet_tiny", f"cond={kind}", f"first_stage.path={vq_export}",
-                       f"cond.conditioner.embedders.0.pretrained={folder}", "cond.context_dim=16"], tmp_path)
+                       f"cond.conditioner.embedders.0.pretrained={folder}"], tmp_path)
     module = fit_one_step(cfg, stage2_batch())
-    (encoder,) = module.conditioner.embedders
+    (encoder,) = module.model.conditioner.embedders
     ids = encoder.tokenizer("a handwritten 7")["input_ids"]
     assert encoder.tokenizer.decode(ids, skip_special_tokens=True).replace(" ", "") == "ahandwritten7"
-    context = module.conditioner({"caption": ["a 3", "a 7"]})["context"]
+    context = module.model.conditioner.eval()({"caption": ["a 3", "a 7"]})["context"]  # eval: no condition dropout
     assert context.shape == (2, 77, 16) and not torch.equal(context[0], context[1])
     assert not any(p.requires_grad for p in encoder.transformer.parameters())  # frozen, as configured
 

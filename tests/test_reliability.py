@@ -197,13 +197,13 @@ def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(vae_straigh
 def test_stage2_skips_a_nan_step_without_touching_weights_optimizer_or_ema(vae_straight, compose_cfg, tmp_path, monkeypatch):
     from ldm.lit.latent_diffusion import LatentDiffusionModule
 
-    original = LatentDiffusionModule.diffusion_loss
+    original = LatentDiffusionModule.training_step
 
-    def nan_at_step_1(self, unet, batch, generator=None):
-        per_sample, t = original(self, unet, batch, generator)
-        return (per_sample * float("nan"), t) if self.training and self.global_step == 1 else (per_sample, t)
+    def nan_at_step_1(self, batch, batch_idx):
+        loss = original(self, batch, batch_idx)
+        return loss * float("nan") if self.global_step == 1 else loss
 
-    monkeypatch.setattr(LatentDiffusionModule, "diffusion_loss", nan_at_step_1)
+    monkeypatch.setattr(LatentDiffusionModule, "training_step", nan_at_step_1)
     results = train(compose_cfg([*ldm_overrides(vae_straight / "export"), "callbacks.nan_guard.policy=skip"], tmp_path))
     assert results["train/nonfinite_skipped"] == 1
     ckpt = load(tmp_path / "checkpoints" / "last.ckpt")

@@ -202,13 +202,13 @@ def test_a_checkpoint_loads_with_its_run_config_and_one_of_another_model_is_refu
     ckpt = export.parent / "checkpoints" / "last.ckpt"
     from_ckpt, _ = load_ldm(ckpt, use_ema=True)
     from_export, _ = load_ldm(export)
-    theirs = from_export.unet.state_dict()
-    assert all(torch.equal(v, theirs[k]) for k, v in from_ckpt.unet.state_dict().items())
+    theirs = from_export.backbone.state_dict()
+    assert all(torch.equal(v, theirs[k]) for k, v in from_ckpt.backbone.state_dict().items())
     other = tmp_path / "run"
     (other / "checkpoints").mkdir(parents=True)
     (other / "checkpoints" / "last.ckpt").write_bytes(ckpt.read_bytes())
     config = OmegaConf.load(export.parent / "config.yaml")
-    config.stage.module.unet.model_channels = 2 * config.stage.module.unet.model_channels
+    config.stage.module.model.backbone.model_channels = 2 * config.stage.module.model.backbone.model_channels
     OmegaConf.save(config, other / "config.yaml")
-    with pytest.raises(ExportError, match=r"do not fit LatentDiffusionModule(.|\n)*shape of ema.model.input_blocks.0.0.weight: checkpoint \(32, 3, 3, 3\) vs model \(64"):
+    with pytest.raises(ExportError, match=r"do not fit LatentDiffusion(.|\n)*shape of backbone.input_blocks.0.0.weight: checkpoint \(32, 3, 3, 3\) vs model \(64"):
         load_ldm(other / "checkpoints" / "last.ckpt")

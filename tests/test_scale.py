@@ -21,8 +21,8 @@ from torch.utils.data import DataLoader
 from ldm.diffusion.objective import DiffusionObjective
 from ldm.diffusion.schedules import NoiseSchedule
 from ldm.lit.ema import EMAConfig
-from ldm.model import FirstStage
 from ldm.lit.latent_diffusion import LatentDiffusionModule, SpeedConfig
+from ldm.model import FirstStage, LatentDiffusion
 from ldm.nets.autoencoder import AutoencoderKL
 from ldm.nets.conditioners import ClassEmbedder, Conditioner
 from ldm.nets.unet import TransformerSpec, UNetModel
@@ -61,7 +61,7 @@ class RankStateWriter(pl.Callback):
             "global_step": trainer.global_step,
             "ema_updates": int(pl_module.ema.num_updates),
             "ema": state_hash(pl_module.ema.model),
-            "unet": state_hash(pl_module.unet),
+            "unet": state_hash(pl_module.model.backbone),
             "first_batch": self.first_batch,
         }
         (self.folder / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
@@ -131,7 +131,8 @@ def tiny_module(optimizer, ema: EMAConfig | None = None, **kwargs) -> LatentDiff
     first_stage = FirstStage(AutoencoderKL(ddconfig, embed_dim=3), scale_factor=1.0, sample_posterior=False)
     conditioner = Conditioner([ClassEmbedder(10, embed_dim=16, drop_rate=0.0)])
     objective = PerSampleObjective(NoiseSchedule(kind="linear", num_train_timesteps=1000))
-    return LatentDiffusionModule(unet, conditioner, first_stage, objective, optimizer, lr=0.5, ema=ema, **kwargs)
+    model = LatentDiffusion(unet, conditioner, first_stage, objective)
+    return LatentDiffusionModule(model, optimizer, lr=0.5, ema=ema, **kwargs)
 
 
 def latent_batches(n: int) -> list[dict]:
@@ -161,9 +162,9 @@ def test_gradient_accumulation_of_k_batches_equals_one_batch_of_k_times_b():
     accumulated, big = copy.deepcopy(reference), copy.deepcopy(reference)
     fit(accumulated, data, batch_size=b, steps=steps, accumulate_grad_batches=k)
     fit(big, data, batch_size=k * b, steps=steps)
-    moved = max((p - q).abs().max().item() for p, q in zip(big.unet.parameters(), reference.unet.parameters()))
+    moved = max((p - q).abs().max().item() for p, q in zip(big.model.backbone.parameters(), reference.model.backbone.parameters()))
     assert moved > 1e-3
-    for (name, p), q in zip(accumulated.unet.named_parameters(), big.unet.parameters()):
+    for (name, p), q in zip(accumulated.model.backbone.named_parameters(), big.model.backbone.parameters()):
         torch.testing.assert_close(p, q, atol=2e-6, rtol=1e-4, msg=name)
     # The EMA averages once per optimizer step, not once per micro-batch.
     assert int(accumulated.ema.num_updates) == int(big.ema.num_updates) == steps
@@ -179,7 +180,7 @@ def test_bf16_mixed_trains_on_cpu_with_an_fp32_loss():
     def record_unet_dtype(module, inputs, output) -> None:
         seen.setdefault("unet", output.dtype)
 
-    module.unet.out.register_forward_hook(record_unet_dtype)
+    module.model.backbone.out.register_forward_hook(record_unet_dtype)
 
     class LossDtype(pl.Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
@@ -189,12 +190,12 @@ def test_bf16_mixed_trains_on_cpu_with_an_fp32_loss():
     assert seen == {"unet": torch.bfloat16, "loss": torch.float32}
     assert torch.isfinite(trainer.callback_metrics["train/loss"])
     assert all(torch.isfinite(p).all() for p in module.ema.model.parameters())
-    assert all(p.dtype == torch.float32 for p in module.unet.parameters())  # master weights stay fp32
+    assert all(p.dtype == torch.float32 for p in module.model.backbone.parameters())  # master weights stay fp32
 
 
 def test_chunked_first_stage_coding_equals_whole_batch():
     module = tiny_module(functools.partial(torch.optim.SGD))
-    first_stage = module.first_stage
+    first_stage = module.model.first_stage
     images = torch.rand(5, 1, 16, 16) * 2 - 1
     whole_z, whole_x = first_stage.encode(images), first_stage.decode(first_stage.encode(images))
     first_stage.chunk_size = 2  # 2 + 2 + 1
@@ -209,8 +210,8 @@ def test_speed_options_compile_only_the_training_unet_and_keep_the_key_layout():
     fast = tiny_module(functools.partial(torch.optim.SGD), ema=EMAConfig(),
                        speed=SpeedConfig(compile_unet=True, channels_last=True, vae_chunk_size=4))
     # nn.Module.compile is lazy and in place: nothing compiles here, and no `_orig_mod.` key prefix appears.
-    assert fast.unet._compiled_call_impl is not None and fast.ema.model._compiled_call_impl is None
+    assert fast.model.backbone._compiled_call_impl is not None and fast.ema.model._compiled_call_impl is None
     assert list(fast.state_dict()) == list(plain.state_dict())
-    conv = fast.unet.input_blocks[0][0].weight
+    conv = fast.model.backbone.input_blocks[0][0].weight
     assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
-    assert fast.first_stage.chunk_size == 4
+    assert fast.model.first_stage.chunk_size == 4

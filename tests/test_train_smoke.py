@@ -75,7 +75,7 @@ def test_a_dit_backbone_trains_exports_and_samples_in_the_unet_slot(stage1, comp
                        "stage.final_samples.per_class=1", "stage.final_samples.judge=null", "sampler=ddim",
                        "sampler.steps=3", *FAST], tmp_path)
     if model != "dit_tiny":
-        net = instantiate(cfg.model.ldm.backbone)
+        net = instantiate(cfg.stage.module.model).backbone
         assert isinstance(net, DiT) and net.out_channels == 3
         assert (net.context_dim is None) == (cond == "class_vector")
         return
@@ -83,7 +83,7 @@ def test_a_dit_backbone_trains_exports_and_samples_in_the_unet_slot(stage1, comp
     tensors, config, _ = read_export(tmp_path / "export", kind="ldm")
     assert "model.diffusion_model.blocks.0.adaLN_modulation.1.weight" in tensors
     sampler, _ = load_ldm(tmp_path / "export")
-    assert isinstance(sampler.unet, DiT)
+    assert isinstance(sampler.backbone, DiT)
     images = sampler.sample({"label": torch.arange(3)}, 32, {"name": "ddim", "steps": 3}, 2.0,
                             torch.Generator().manual_seed(0))
     assert images.shape == (3, 1, 32, 32) and torch.isfinite(images).all()
@@ -100,11 +100,11 @@ def test_stage2_with_latent_cache_hits_the_second_time(stage1, compose_cfg, tmp_
     assert len(cached) == 2  # train + val, built once, reused by the second run
 
 
-def test_channel_mismatch_between_first_stage_and_unet_fails_at_start(stage1, compose_cfg, tmp_path):
+def test_a_backbone_config_that_sets_wired_channels_fails_at_start(stage1, compose_cfg, tmp_path):
     vae_out, _ = stage1
     cfg = compose_cfg(["stage=ldm", "model/ldm=unet_tiny", f"first_stage.path={vae_out / 'export'}",
-                    "model.ldm.backbone.in_channels=7", *FAST], tmp_path)
-    with pytest.raises(ConfigError, match="in_channels=7 but latent_channels=3"):
+                    "+model.ldm.backbone.in_channels=7", *FAST], tmp_path)
+    with pytest.raises(ConfigError, match=r"model.ldm.backbone sets in_channels=7, which the model wires"):
         train(cfg)
 
 
@@ -148,7 +148,7 @@ def test_the_stage2_export_holds_the_ema_weights_not_the_live_unet(stage1, compo
     state = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
     assert int(state["ema.num_updates"]) == 4
     ema = {k.removeprefix("ema.model."): v for k, v in state.items() if k.startswith("ema.model.")}
-    live = {k.removeprefix("unet."): v for k, v in state.items() if k.startswith("unet.")}
+    live = {k.removeprefix("model.backbone."): v for k, v in state.items() if k.startswith("model.backbone.")}
     assert exported.keys() == ema.keys() == live.keys()
     for key in exported:
         assert torch.equal(exported[key], ema[key]), f"export's {key} is not the EMA's"

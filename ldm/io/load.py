@@ -119,6 +119,11 @@ def upgrade_run_config(cfg: Any) -> Any:
     module = cfg.stage.get("module") if "stage" in cfg else None
     if module is None or "unet" not in module:
         return cfg
+    moved = {"ldm.lit.first_stage.FirstStage.from_export": "ldm.io.first_stage.from_export",
+             "ldm.lit.pretrained_first_stage.pretrained_first_stage": "ldm.io.first_stage.pretrained_first_stage"}
+    first_stage = module.get("first_stage")
+    if first_stage is not None and first_stage.get("_target_") in moved:
+        first_stage["_target_"] = moved[first_stage["_target_"]]
     with open_dict(cfg):
         parts = {key: module.pop(key) for key in ("unet", "conditioner", "first_stage", "objective")}
         module.model = {"_target_": "ldm.model.LatentDiffusion", "backbone": parts["unet"],

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from ldm.config import ConfigError
+from ldm.errors import ConfigError
 from ldm.metrics import (
     FeatureExtractor,
     InceptionFeatures,

@@ -2,22 +2,17 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
 from ldm.diffusion.schedules import gaussian_noise
-from ldm.errors import ConfigError
-from ldm.io.export import load_autoencoder
 
 
 class FirstStage(nn.Module):
     """Encodes images to scaled latents ``z = scale_factor * posterior sample`` and decodes them back.
 
-    ``scale_factor=None`` means 1/std of the latents measured on the training data at the end of stage 1
-    (scale_by_std, as CompVis), read from the export; the value used is a buffer, so it is recorded in
-    every stage-2 checkpoint and export.
+    The scale factor is a buffer, so it is recorded in every stage-2 checkpoint and export. Built from a stage-1
+    export or a public autoencoder by ``ldm.io.first_stage`` (``first_stage=export`` / ``pretrained``).
     """
 
     def __init__(
@@ -31,28 +26,6 @@ class FirstStage(nn.Module):
         # Encode/decode at most this many images at once: bounds activation memory for large batches.
         self.chunk_size = chunk_size
         self.register_buffer("scale_factor", torch.tensor(float(scale_factor)))
-
-    @classmethod
-    def from_export(
-        cls,
-        path: str,
-        latent_channels: int | None = None,
-        scale_factor: float | None = None,
-        sample_posterior: bool = True,
-    ) -> FirstStage:
-        """The Hydra entry (``first_stage=export``): a stage-1 export folder, checked against the config."""
-        autoencoder, meta = load_autoencoder(path)
-        if latent_channels is not None and int(latent_channels) != int(autoencoder.embed_dim):
-            raise ConfigError(
-                f"first_stage.latent_channels={latent_channels} but the export at {path} has "
-                f"{autoencoder.embed_dim} latent channels; remove the override or use a matching export"
-            )
-        if scale_factor is None:
-            std = meta.get("latent_std")
-            if not std or not math.isfinite(std):
-                raise ConfigError(f"the export at {path} records no latent std: set first_stage.scale_factor")
-            scale_factor = 1.0 / std
-        return cls(autoencoder, scale_factor, sample_posterior)
 
     @property
     def latent_channels(self) -> int:

@@ -44,6 +44,12 @@ class LatentDiffusion(nn.Module):
         # The arguments the backbone took from the conditioning: an export records them with its own config.
         self.backbone_kwargs = conditioner.spec.backbone_kwargs(latent)
         if not isinstance(backbone, nn.Module):
+            wired = sorted(set(getattr(backbone, "keywords", {})) & set(self.backbone_kwargs))
+            if wired:
+                given = ", ".join(f"{k}={backbone.keywords[k]}" for k in wired)
+                raise ConfigError(f"model.ldm.backbone sets {given}, which the model wires from its conditioning and "
+                                  f"first stage ({', '.join(f'{k}={self.backbone_kwargs[k]}' for k in wired)}): "
+                                  "remove it from the backbone config")
             try:
                 backbone = backbone(**self.backbone_kwargs)
             except TypeError as err:

@@ -25,7 +25,7 @@ from ldm.io.compvis import (
     unet_kwargs_from_state_dict,
 )
 from ldm.io.export import ExportError
-from ldm.model.pretrained_first_stage import pretrained_first_stage
+from ldm.io.first_stage import pretrained_first_stage
 from ldm.nets.autoencoder import AutoencoderKL, EncoderDecoderConfig
 from ldm.nets.unet import UNetModel
 

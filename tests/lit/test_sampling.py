@@ -16,9 +16,9 @@ from torch import nn
 import ldm.model.latent_diffusion as latent_model
 from ldm.diffusion.objective import DiffusionObjective
 from ldm.diffusion.schedules import NoiseSchedule
-from ldm.nets.conditioners import ClassEmbedder, ConcatConditioner, Conditioner
 from ldm.metrics.final_samples import write_final_samples
 from ldm.model import LatentDiffusion, LatentEdit
+from ldm.nets.conditioners import ClassEmbedder, ConcatConditioner, Conditioner
 
 C, SIZE = 2, 8  # latent channels; latent = pixel size (f = 1)
 

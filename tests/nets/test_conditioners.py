@@ -11,6 +11,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from ldm.nets import conditioners
+from ldm.nets.backbone import ConditionSpec, check_backbone
 from ldm.nets.conditioners import (
     ClassEmbedder,
     ConcatConditioner,
@@ -18,7 +19,6 @@ from ldm.nets.conditioners import (
     FrozenTextEncoder,
     embedded_minilm_path,
 )
-from ldm.nets.backbone import ConditionSpec, check_backbone
 from ldm.nets.unet import TransformerSpec, UNetModel
 
 CONF = Path(__file__).resolve().parents[2] / "conf"

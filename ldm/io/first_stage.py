@@ -1,4 +1,5 @@
-"""``first_stage=pretrained``: stage 2 on a public autoencoder (SD's kl-f8, ``sd-vae-ft-mse``, ...) instead
+"""The frozen first stage of stage 2 built from files: a stage-1 export (``first_stage=export``, ``from_export``) or
+``first_stage=pretrained``: a public autoencoder (SD's kl-f8, ``sd-vae-ft-mse``, ...) instead
 of a stage-1 export, as most latent diffusion work does (Rombach et al. 2022 reuse one first stage across
 all their LDMs)."""
 
@@ -9,6 +10,7 @@ from pathlib import Path
 
 from ldm.errors import ConfigError
 from ldm.io.compvis import load_pretrained_autoencoder
+from ldm.io.export import load_autoencoder
 from ldm.model.first_stage import FirstStage
 
 SD_SCALE_FACTOR = 0.18215  # 1/std of SD-1.x/2.x kl-f8 latents on its training data (CompVis configs)
@@ -56,3 +58,26 @@ def pretrained_first_stage(
             f"(e.g. {SD_SCALE_FACTOR} for the SD-1.x/2.x kl-f8 autoencoder)"
         )
     return FirstStage(autoencoder, float(scale_factor), sample_posterior)
+
+
+def from_export(
+    path: str,
+    latent_channels: int | None = None,
+    scale_factor: float | None = None,
+    sample_posterior: bool = True,
+) -> FirstStage:
+    """``first_stage=export``: a stage-1 export folder, checked against the config. ``scale_factor=None`` means
+    1/std of the latents measured on the training data at the end of stage 1 (scale_by_std, as CompVis), read
+    from the export."""
+    autoencoder, meta = load_autoencoder(path)
+    if latent_channels is not None and int(latent_channels) != int(autoencoder.embed_dim):
+        raise ConfigError(
+            f"first_stage.latent_channels={latent_channels} but the export at {path} has "
+            f"{autoencoder.embed_dim} latent channels; remove the override or use a matching export"
+        )
+    if scale_factor is None:
+        std = meta.get("latent_std")
+        if not std or not math.isfinite(std):
+            raise ConfigError(f"the export at {path} records no latent std: set first_stage.scale_factor")
+        scale_factor = 1.0 / std
+    return FirstStage(autoencoder, scale_factor, sample_posterior)
