@@ -136,7 +136,8 @@ class BucketTransform:
         target_h, target_w = bucket
         scale = max(target_h / height, target_w / width)
         # ceil, so rounding never leaves the resized image a pixel short of the bucket
-        resized_h, resized_w = max(target_h, math.ceil(height * scale - 1e-6)), max(target_w, math.ceil(width * scale - 1e-6))
+        resized_h = max(target_h, math.ceil(height * scale - 1e-6))
+        resized_w = max(target_w, math.ceil(width * scale - 1e-6))
         tensor = TF.to_image(image)  # uint8 (C, H, W)
         if (resized_h, resized_w) != (height, width):
             tensor = TF.resize(tensor, [resized_h, resized_w], interpolation=v2.InterpolationMode.BILINEAR,

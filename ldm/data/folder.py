@@ -32,7 +32,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from torch.utils.data import DataLoader
 
 from ldm.data.base import ImageDataModule, ResumableDataLoader, data_parallel_share, stratified_split

@@ -141,15 +141,16 @@ def test_batches_are_homogeneous_and_cover_an_epoch_once_across_ranks():
         seen += [index for batch in batches for index, _ in batch]
     assert sorted(seen) == list(range(24))
     # The order changes with the epoch and repeats for the same (seed, epoch).
-    assert _epoch(per_rank[0], 4) != _epoch(per_rank[0], 3) == _epoch(BucketBatchSampler(bucket_ids, 4, 7, num_replicas=2), 3)
+    again = BucketBatchSampler(bucket_ids, 4, 7, num_replicas=2)
+    assert _epoch(per_rank[0], 4) != _epoch(per_rank[0], 3) == _epoch(again, 3)
 
 
 def test_partial_batches_and_rounds_are_dropped_but_never_mixed():
     bucket_ids = [0] * 7 + [1] * 5 + [2] * 3  # full batches of 3: 2 + 1 + 1 = 4
     sampler = BucketBatchSampler(bucket_ids, 3, seed=0, num_replicas=3, rank=0)
     assert sampler.num_batches_total == 4 and len(sampler) == 1  # one round of 3; the 4th batch waits
-    counts = Counter(i for r in range(3) for b in _epoch(BucketBatchSampler(bucket_ids, 3, 0, num_replicas=3, rank=r), 0)
-                     for i, _ in b)
+    ranks = [BucketBatchSampler(bucket_ids, 3, 0, num_replicas=3, rank=r) for r in range(3)]
+    counts = Counter(i for sampler in ranks for b in _epoch(sampler, 0) for i, _ in b)
     assert max(counts.values()) == 1 and len(counts) == 9
     with pytest.raises(ValueError, match="lower data.batch_size"):
         BucketBatchSampler([0, 1, 2], 2, seed=0)
