@@ -268,3 +268,25 @@ def test_too_few_images_for_one_bucket_batch_names_the_fix(tmp_path):
     dm.setup("fit")
     with pytest.raises(ValueError, match="lower data.batch_size"):
         dm.train_dataloader()
+
+
+def test_ldm_train_takes_steps_on_non_square_bucket_batches(tmp_path, compose_cfg):
+    """Through the real entry point: bucket batches of 40x24, 32x32 and 24x40 px (10x6 .. 6x10 latents of an f4
+    first stage) train and validate stage 2."""
+    from ldm.io.export import save_export
+    from ldm.train import train
+
+    autoencoder_cfg = compose_cfg(["model/vae=kl_f4"]).model.vae.autoencoder
+    autoencoder = instantiate(autoencoder_cfg)
+    export = save_export(tmp_path / "vae", autoencoder.state_dict(),
+                         {"autoencoder": OmegaConf.to_container(autoencoder_cfg, resolve=True)},
+                         {"kind": "autoencoder", "latent_channels": 3, "downsample_factor": 4, "latent_std": 1.0})
+    root = _write_images(tmp_path / "imgs", [(30, 60)] * 6 + [(70, 35)] * 6 + [(40, 40)] * 6, captions=False)
+    cfg = compose_cfg(["stage=ldm", "stage.final_samples.enabled=false", "stage.module.preview.every_n_steps=0",
+                       "model/ldm=unet_tiny", "cond=none", "data=folder", f"data.root={root}", "data.mode=L",
+                       "data.batch_size=2", "data.num_workers=0", "data.val_fraction=0.2",
+                       "data.buckets={base_size: 32, step: 8, max_aspect: 2.0}", f"first_stage.path={export}",
+                       "stage.max_steps=3", "stage.val_check_interval=3", "+trainer.limit_val_batches=2",
+                       "logger=csv"], tmp_path / "run")
+    train(cfg)
+    assert (tmp_path / "run" / "export" / "model.safetensors").is_file()
