@@ -18,7 +18,7 @@ batch, and Lightning keeps the sampler (a ``DistributedSampler``) and saves its 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,10 +61,6 @@ class BucketOptions:
                              "so that the square bucket exists")
         if self.max_aspect < 1.0:
             raise ValueError(f"buckets.max_aspect is long side / short side, so >= 1; got {self.max_aspect}")
-
-    @classmethod
-    def of(cls, value: BucketOptions | Mapping) -> BucketOptions:
-        return value if isinstance(value, BucketOptions) else cls(**dict(value))
 
 
 def bucket_resolutions(options: BucketOptions) -> list[tuple[int, int]]:

@@ -23,6 +23,7 @@ Layout conventions:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import warnings
@@ -226,7 +227,7 @@ class ImageFolderDataModule(ImageDataModule):
         captions: read captions from ``captions.jsonl`` / sidecar ``.txt`` files.
         scan: :class:`FolderScanOptions` or a mapping of its fields.
         buckets: :class:`~ldm.data.buckets.BucketOptions` (or a mapping of its fields) to train on aspect-ratio
-            buckets instead of square crops (``image_size`` is then unused for geometry); None: square.
+            buckets instead of square crops; their ``base_size`` is ``image_size``. None: square crops.
     """
 
     def __init__(
@@ -257,7 +258,15 @@ class ImageFolderDataModule(ImageDataModule):
                 fields["extensions"] = tuple(fields["extensions"])
             scan = FolderScanOptions(**fields)
         self.save_hyperparameters(ignore=["scan", "buckets"])
-        self.buckets = None if buckets is None else BucketOptions.of(buckets)
+        if buckets is not None:
+            buckets = dict(buckets) if isinstance(buckets, Mapping) else dataclasses.asdict(buckets)
+            # One size for buckets, previews and samples: base_size follows image_size unless both are given.
+            if buckets.setdefault("base_size", image_size) in (None, image_size):
+                buckets["base_size"] = image_size
+            else:
+                raise ValueError(f"data.buckets.base_size={buckets['base_size']} differs from data.image_size="
+                                 f"{image_size}, which sizes previews and samples; set data.image_size instead")
+        self.buckets = None if buckets is None else BucketOptions(**buckets)
         self.bucket_resolutions = bucket_resolutions(self.buckets) if self.buckets is not None else []
         if self.buckets is not None and not self.bucket_resolutions:
             raise ValueError(f"buckets={self.buckets} allow no bucket; raise max_aspect or lower step")
@@ -272,8 +281,7 @@ class ImageFolderDataModule(ImageDataModule):
         self.val_transform = ImageTransform(image_size, mode)
         self.bucket_transforms = (BucketTransform(mode, random_crop=random_crop, random_flip=random_flip),
                                   BucketTransform(mode))
-        # Square-sized metadata (previews, final samples) follows the buckets' base size.
-        self.image_size = image_size if self.buckets is None else self.buckets.base_size
+        self.image_size = image_size
         self.channels = self.train_transform.channels
 
     def setup(self, stage: str | None = None) -> None:

@@ -66,8 +66,8 @@ def _bucket_batch(tmp_path):
     root.mkdir()
     for number, (height, width) in enumerate([(40, 60), (100, 150), (60, 100), (20, 36)]):
         Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8)).save(root / f"{number}.png")
-    dm = ImageFolderDataModule(str(root), batch_size=2, num_workers=0, val_fraction=0.0, random_crop=True,
-                               buckets={"base_size": 64, "step": 16, "max_aspect": 2.0})
+    dm = ImageFolderDataModule(str(root), image_size=64, batch_size=2, num_workers=0, val_fraction=0.0,
+                               random_crop=True, buckets={"step": 16, "max_aspect": 2.0})
     dm.setup("fit")
     return next(iter(dm.train_dataloader()))
 
