@@ -31,6 +31,8 @@ class SizeEmbedder(Embedder):
         sampling: original_size = target_size = default_size and crop (0, 0), i.e. a full, uncropped image
         (SDXL's recommended inference conditioning).
     Not guided by default (drop_rate 0): SDXL keeps the sizes in both branches of guidance, like concat inputs.
+    Sampling may leave all the keys out (prompts or labels only): in eval mode that asks for the default
+    conditioning; while training a missing key is an error (the data is not bucketed).
     """
 
     output = "vector"
@@ -63,6 +65,9 @@ class SizeEmbedder(Embedder):
         drop: torch.Tensor | None = None,
     ) -> torch.Tensor:
         missing = [key for key in self.keys if key not in batch]
+        if len(missing) == len(self.keys) and not self.training:
+            batch_size = len(next(iter(batch.values()))) if batch else 1
+            return self.unconditional(batch_size, self.default_values.device)
         if missing:
             raise KeyError(f"SizeEmbedder reads batch keys {list(self.keys)}, but {missing} are missing (the batch has "
                            f"{sorted(batch)}); train on aspect-ratio buckets (data.buckets) or set keys.")

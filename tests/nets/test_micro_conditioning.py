@@ -48,9 +48,16 @@ def test_unconditional_and_dropped_samples_ask_for_a_full_uncropped_image():
                           clean)
 
 
+def test_sampling_without_sizes_asks_for_the_default_but_training_without_them_fails():
+    embedder = SizeEmbedder(dim=4, default_size=(32, 48)).eval()
+    torch.testing.assert_close(embedder({"label": torch.arange(3)}), embedder.unconditional(3))
+    with pytest.raises(KeyError, match="data.buckets"):
+        embedder.train()({"label": torch.arange(3)})
+
+
 def test_clear_errors():
     with pytest.raises(KeyError, match="data.buckets"):
-        SizeEmbedder(dim=4)({"original_size": torch.zeros(2, 2, dtype=torch.long)})
+        SizeEmbedder(dim=4).eval()({"original_size": torch.zeros(2, 2, dtype=torch.long)})
     with pytest.raises(ValueError, match=r"\(B, 2\)"):
         SizeEmbedder(dim=4, keys=("original_size",))({"original_size": torch.zeros(2, 3)})
     with pytest.raises(ValueError, match="even"):
