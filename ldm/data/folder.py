@@ -12,6 +12,10 @@ Layout conventions:
 * Geometry: shorter side resized to ``image_size`` (images smaller than that are *upscaled*), then a
   centre crop (or a random crop with ``random_crop``) and optionally a random horizontal flip.
   Validation never crops randomly or flips.
+* Aspect-ratio buckets (``buckets``, see :mod:`ldm.data.buckets`): instead of the square crop, each image is
+  resized and cropped to the equal-area bucket closest to its aspect ratio, every batch comes from one bucket,
+  and batches carry ``original_size``, ``crop_coords`` and ``target_size`` for size micro-conditioning. Setup
+  then reads every file's header once for its size.
 * Corrupt files: see :mod:`ldm.data.image_files`. At setup a seeded sample of ``probe_size`` files is
   decoded to fail fast on a mostly-corrupt folder; ``verify=True`` decodes every file up front and drops
   the unreadable ones (exact, but slow on big folders).
@@ -19,6 +23,7 @@ Layout conventions:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import warnings
@@ -27,8 +32,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
+from torch.utils.data import DataLoader
 
-from ldm.data.base import ImageDataModule, stratified_split
+from ldm.data.base import ImageDataModule, ResumableDataLoader, data_parallel_share, stratified_split
+from ldm.data.buckets import (
+    BucketBatches,
+    BucketBatchSampler,
+    BucketImageDataset,
+    BucketOptions,
+    BucketTransform,
+    assign_buckets,
+    bucket_resolutions,
+    collate_bucket_examples,
+    stored_size,
+)
 from ldm.data.image_files import (
     FileImageDataset,
     ImageTransform,
@@ -208,6 +226,8 @@ class ImageFolderDataModule(ImageDataModule):
         labels_from_subfolders: class label from the first-level subfolder name.
         captions: read captions from ``captions.jsonl`` / sidecar ``.txt`` files.
         scan: :class:`FolderScanOptions` or a mapping of its fields.
+        buckets: :class:`~ldm.data.buckets.BucketOptions` (or a mapping of its fields) to train on aspect-ratio
+            buckets instead of square crops; their ``base_size`` is ``image_size``. None: square crops.
     """
 
     def __init__(
@@ -225,6 +245,7 @@ class ImageFolderDataModule(ImageDataModule):
         captions: bool = True,
         scan: FolderScanOptions | Mapping | None = None,
         judge: str | None = None,
+        buckets: BucketOptions | Mapping | None = None,
     ) -> None:
         super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed, judge=judge)
         if not 0.0 <= val_fraction < 1.0:
@@ -236,7 +257,19 @@ class ImageFolderDataModule(ImageDataModule):
             if "extensions" in fields:
                 fields["extensions"] = tuple(fields["extensions"])
             scan = FolderScanOptions(**fields)
-        self.save_hyperparameters(ignore=["scan"])
+        self.save_hyperparameters(ignore=["scan", "buckets"])
+        if buckets is not None:
+            buckets = dict(buckets) if isinstance(buckets, Mapping) else dataclasses.asdict(buckets)
+            # One size for buckets, previews and samples: base_size follows image_size unless both are given.
+            if buckets.setdefault("base_size", image_size) in (None, image_size):
+                buckets["base_size"] = image_size
+            else:
+                raise ValueError(f"data.buckets.base_size={buckets['base_size']} differs from data.image_size="
+                                 f"{image_size}, which sizes previews and samples; set data.image_size instead")
+        self.buckets = None if buckets is None else BucketOptions(**buckets)
+        self.bucket_resolutions = bucket_resolutions(self.buckets) if self.buckets is not None else []
+        if self.buckets is not None and not self.bucket_resolutions:
+            raise ValueError(f"buckets={self.buckets} allow no bucket; raise max_aspect or lower step")
         self.root = Path(root)
         self.scan = scan
         self.val_fraction = val_fraction
@@ -246,6 +279,8 @@ class ImageFolderDataModule(ImageDataModule):
             image_size, mode, random_crop=random_crop, random_flip=random_flip
         )
         self.val_transform = ImageTransform(image_size, mode)
+        self.bucket_transforms = (BucketTransform(mode, random_crop=random_crop, random_flip=random_flip),
+                                  BucketTransform(mode))
         self.image_size = image_size
         self.channels = self.train_transform.channels
 
@@ -259,6 +294,9 @@ class ImageFolderDataModule(ImageDataModule):
                 f"no image files with extensions {list(self.scan.extensions)} found under {where}"
             )
         files = drop_unreadable(files, self.val_transform, self.scan, self.seed, where)
+        if self.buckets is not None:
+            files, sizes = read_sizes(files, self.scan, where)
+            self.bucket_ids = assign_buckets(sizes, self.bucket_resolutions)
 
         labels, class_names = (
             labels_from_first_level(self.root, files) if self.labels_from_subfolders else (None, [])
@@ -287,6 +325,19 @@ class ImageFolderDataModule(ImageDataModule):
         transform: ImageTransform,
     ) -> FileImageDataset:
         pick = indices.tolist()
+        if self.buckets is not None:
+            train = transform is self.train_transform
+            return BucketImageDataset(
+                [files[i] for i in pick],
+                self.bucket_transforms[0 if train else 1],
+                self.bucket_resolutions,
+                self.bucket_ids[indices],
+                labels=None if labels is None else [labels[i] for i in pick],
+                captions=None if captions is None else [captions[i] for i in pick],
+                seed=self.seed,
+                max_corrupt_fraction=self.scan.max_corrupt_fraction,
+                where=str(self.root),
+            )
         return FileImageDataset(
             [files[i] for i in pick],
             transform,
@@ -296,3 +347,43 @@ class ImageFolderDataModule(ImageDataModule):
             max_corrupt_fraction=self.scan.max_corrupt_fraction,
             where=str(self.root),
         )
+
+    def train_dataloader(self) -> DataLoader:
+        if self.buckets is None:
+            return super().train_dataloader()
+        dataset = self._require(self.train_dataset, "train")
+        sampler = BucketBatchSampler(dataset.bucket_ids, self.batch_size, self.seed, **data_parallel_share(self))
+        return self._bucket_loader(dataset, sampler, resumable=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        if self.buckets is None or self.val_dataset is None:
+            return super().val_dataloader()
+        sampler = BucketBatchSampler(self.val_dataset.bucket_ids, self.batch_size, self.seed, shuffle=False,
+                                     drop_last=False, **data_parallel_share(self))
+        return self._bucket_loader(self.val_dataset, sampler, resumable=False)
+
+    def _bucket_loader(self, dataset: BucketImageDataset, sampler: BucketBatchSampler, resumable: bool) -> DataLoader:
+        # batch_size=None: the sampler yields whole batches and BucketBatches loads one per item, so the
+        # resumable loader's saved position counts batches (see ldm.data.buckets).
+        return (ResumableDataLoader if resumable else DataLoader)(
+            BucketBatches(dataset), sampler=sampler, batch_size=None, num_workers=self.num_workers,
+            collate_fn=collate_bucket_examples, pin_memory=torch.cuda.is_available(),
+            persistent_workers=self.num_workers > 0, generator=torch.Generator().manual_seed(self.seed),
+        )
+
+
+def read_sizes(files: list[Path], options: FolderScanOptions, where: str) -> tuple[list[Path], list[tuple[int, int]]]:
+    """(height, width) of every file from its header; files whose header cannot be read are dropped as
+    unreadable (counted against ``max_corrupt_fraction``)."""
+    kept, sizes, bad = [], [], []
+    for path in files:
+        try:
+            sizes.append(stored_size(path))
+            kept.append(path)
+        except Exception:  # noqa: BLE001 - image plugins raise many types (OSError, SyntaxError, struct.error...)
+            bad.append(str(path))
+    if bad:
+        check_corrupt_fraction(len(bad), len(files), options.max_corrupt_fraction, where, bad)
+        warnings.warn(f"skipped {len(bad)} image file{'s' if len(bad) != 1 else ''} under {where} whose size cannot "
+                      f"be read (first few: {bad[:5]})", UnreadableImageWarning, stacklevel=2)
+    return kept, sizes

@@ -62,13 +62,8 @@ class ImageTransform:
 
     def decode(self, path: str | Path) -> Image.Image:
         """Open and fully decode ``path`` in ``mode``; raises on unreadable data."""
-        with Image.open(path) as handle:
-            # JPEG can decode at 1/2, 1/4, 1/8 scale for free; draft keeps both sides >= the request.
-            if self.precrop is None:
-                handle.draft(None, (self.image_size, self.image_size))
-            handle.load()  # forces the full decode so truncated files fail here, not later
-            image = ImageOps.exif_transpose(handle)
-            return _to_mode(image, self.mode)
+        # JPEG can decode at 1/2, 1/4, 1/8 scale for free; draft keeps both sides >= the request.
+        return decode_image(path, self.mode, None if self.precrop is not None else self.image_size)
 
     def __call__(self, image: Image.Image, rng: np.random.Generator) -> torch.Tensor:
         tensor = TF.to_image(image)  # uint8 (C, H, W)
@@ -89,6 +84,18 @@ class ImageTransform:
         if self.random_flip and rng.random() < 0.5:
             tensor = TF.horizontal_flip(tensor)
         return uint8_to_signed_unit(tensor.as_subclass(torch.Tensor))
+
+
+def decode_image(path: str | Path, mode: str, draft_size: int | None = None) -> Image.Image:
+    """Open and fully decode ``path`` (EXIF orientation applied) in ``mode``; raises on unreadable data.
+
+    draft_size: let JPEG decode at a reduced scale that keeps both sides >= this (None: full size)."""
+    with Image.open(path) as handle:
+        if draft_size is not None:
+            handle.draft(None, (draft_size, draft_size))
+        handle.load()  # forces the full decode so truncated files fail here, not later
+        image = ImageOps.exif_transpose(handle)
+        return _to_mode(image, mode)
 
 
 def _to_mode(image: Image.Image, mode: str) -> Image.Image:
@@ -198,8 +205,13 @@ class FileImageDataset(Dataset):
                 continue
             # Seeded by the requested index, so a replacement sample is as reproducible as any other.
             rng = np.random.default_rng(sample_seed(self.seed, epoch, index))
-            return self._example(candidate, self.transform(image, rng))
+            return self._make_example(index, candidate, image, rng)
         raise ValueError(f"none of the {count} image files under {self.where} can be decoded")
+
+    def _make_example(self, index: int, candidate: int, image: Image.Image, rng: np.random.Generator) -> dict[str, Any]:
+        """The example for requested ``index`` from the decoded file ``candidate`` (``index`` itself unless
+        that file was unreadable). A hook: aspect-ratio buckets shape it by the requested index's bucket."""
+        return self._example(candidate, self.transform(image, rng))
 
     def _example(self, index: int, image: torch.Tensor) -> dict[str, Any]:
         example: dict[str, Any] = {"image": image}

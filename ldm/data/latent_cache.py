@@ -90,9 +90,10 @@ def collate_latents(items: list[dict[str, Any]]) -> dict[str, Any]:
 
 @torch.no_grad()
 def encode_dataset(dataset: Dataset, first_stage: Any, with_flips: bool, batch_size: int = 256,
-                   indices: range | None = None, keys: Sequence[str] = ("label", "caption")):
+                   indices: range | None = None, keys: Sequence[str] | None = None):
     """Posterior moments of the items ``indices`` (all by default), in index order, and their condition ``keys``
-    (numeric ones as tensors ``cond.<key>``, the rest as lists). Captions are those of epoch 0."""
+    (numeric ones as tensors ``cond.<key>``, the rest as lists; None: every key the items have). Captions are
+    those of epoch 0."""
     means, stds = [], []
     conditions: dict[str, list[Any]] = {}
     device = first_stage.scale_factor.device
@@ -104,7 +105,7 @@ def encode_dataset(dataset: Dataset, first_stage: Any, with_flips: bool, batch_s
         moments = [first_stage.encode_moments(x) for x in variants]
         means.append(torch.stack([m for m, _ in moments], dim=1).cpu())  # (B, F, C, h, w)
         stds.append(torch.stack([s for _, s in moments], dim=1).cpu())
-        for key in keys:
+        for key in (sorted(set(items[0]) - {"image"}) if keys is None else keys):
             if key not in items[0]:
                 raise ValueError(f"the model's conditioning reads batch key {key!r}, which this data lacks "
                                  f"(it has {sorted(items[0])})")
@@ -144,9 +145,10 @@ class LatentCacheDataModule(LightningDataModule):
     """Wraps an image DataModule; serves cached posterior moments instead of images."""
 
     def __init__(self, datamodule: LightningDataModule, first_stage: Any, cache_dir: str | Path,
-                 keys: Sequence[str] = ("label", "caption")) -> None:
+                 keys: Sequence[str] | None = None) -> None:
         super().__init__()
-        self.keys = tuple(keys)  # the condition keys the model reads (conditioner.batch_keys)
+        # the condition keys the model reads (conditioner.batch_keys); None: every key the data has
+        self.keys = None if keys is None else tuple(keys)
         self.datamodule = datamodule
         self.first_stage = first_stage
         self.cache_dir = Path(cache_dir)
@@ -168,7 +170,7 @@ class LatentCacheDataModule(LightningDataModule):
             "datamodule": type(self.datamodule).__name__,
             "hparams": dict(getattr(self.datamodule, "hparams", {})),
             "flips": flips,
-            "keys": list(self.keys),
+            "keys": None if self.keys is None else list(self.keys),
             "version": CACHE_VERSION,
         }
         self.train_dataset = self._load_or_build("train", self.datamodule.train_dataset, ae_hash, description, flips, seed)
