@@ -177,6 +177,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         check_resume_checkpoint(ckpt_path, module, cfg.stage.name)
     if cfg.stage.name == "ldm" and cfg.stage.latent_cache:
         from ldm.data.latent_cache import LatentCacheDataModule
+        from ldm.data.stream import StreamDataModule
+
+        if isinstance(datamodule, StreamDataModule):
+            raise ConfigError("stage.latent_cache=true cannot cache data=stream (shards may not fit one disk): write "
+                              "the latents into the shards with `ldm-prepare encode=true first_stage.path=...` instead")
 
         datamodule = LatentCacheDataModule(datamodule, module.first_stage, Path(cfg.paths.cache_dir) / "latents")
     callbacks = build_callbacks(cfg, out)
