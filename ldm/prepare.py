@@ -1,7 +1,7 @@
 """``ldm-prepare``: convert a dataset into streaming shards for ``ldm-train data=stream`` (litdata format).
 
     ldm-prepare source=folder source.root=images/ output=shards/train
-    ldm-prepare source=webdataset 'source.urls=laion/{00000..00099}.tar' output=shards/laion num_workers=8
+    ldm-prepare source=webdataset "source.urls='laion/{00000..00099}.tar'" output=shards/laion num_workers=8
     ldm-prepare source=torchvision source.name=cifar10 source.root=data output=shards/cifar
     ldm-prepare source=webdataset ... encode=true first_stage.path=<stage-1 export> cond=text   # + latents
 
@@ -152,7 +152,10 @@ def prepare(cfg: DictConfig) -> dict[str, Any]:
     writer.out.mkdir(parents=True, exist_ok=True)
     if int(cfg.num_workers) > 0 and len(pieces) > 1:
         # Spawned (not forked) workers: a forked process inheriting torch's thread pools can deadlock.
-        resolved = OmegaConf.to_yaml(OmegaConf.create(OmegaConf.to_container(cfg, resolve=True)))
+        # What a SliceWriter reads, resolved here (the run folder's interpolations only resolve in this process).
+        keys = ("source", "output", "chunk_bytes", "encode", "encode_batch_size", "encode_settings", "first_stage", "cond")
+        resolved = OmegaConf.to_yaml({k: OmegaConf.to_container(cfg[k], resolve=True)
+                                      if OmegaConf.is_config(cfg[k]) else cfg[k] for k in keys if k in cfg})
         with ProcessPoolExecutor(int(cfg.num_workers), mp_context=get_context("spawn"), initializer=_init_worker,
                                  initargs=(resolved,)) as pool:
             manifests = list(pool.map(_run_in_worker, range(len(pieces))))

@@ -193,9 +193,9 @@ class WebDatasetSource:
         try:
             for record in tars:
                 yield self._sample(record, stem, piece.items)
-        except (OSError, ValueError) as error:
-            if isinstance(error, CaptionMissingError):
-                raise
+        except CaptionMissingError:
+            raise
+        except Exception as error:  # noqa: BLE001 - tarfile, gzip, fsspec and webdataset each raise their own
             raise ValueError(f"cannot read webdataset tar {piece.items}: {type(error).__name__}: {error}. Replace "
                              "the file (or drop it from source.urls) and run ldm-prepare again") from error
 
