@@ -117,6 +117,32 @@ def _streaming_dataset_class():
     return ShardDataset
 
 
+def _loader_class():
+    from litdata import StreamingDataLoader
+
+    class ResumingLoader(StreamingDataLoader):
+        """litdata's loader, restoring a checkpoint's position for one epoch only.
+
+        litdata keeps its ``restore`` flag until a restored epoch has been iterated to its very end. Lightning stops
+        asking for batches at the epoch's known length instead, so the next epoch replayed the checkpoint's position
+        (a resumed 2-process run trained one batch twice). Here a restore applies to the first ``iter()`` after
+        ``load_state_dict`` and no other."""
+
+        _restore_pending = False
+
+        def load_state_dict(self, obj: dict[str, Any]) -> None:
+            super().load_state_dict(obj)
+            self._restore_pending = self.restore
+
+        def __iter__(self) -> Any:
+            if not self._restore_pending:
+                self.restore = False
+            self._restore_pending = False
+            return super().__iter__()
+
+    return ResumingLoader
+
+
 def collate_stream(examples: Sequence[dict[str, Any] | None]) -> dict[str, Any]:
     """Stack examples into the batch dict; an unreadable sample's slot (None) is filled with the batch's readable
     ones in turn, so every batch keeps its size (deterministically: the same batch gets the same fill)."""
@@ -237,9 +263,7 @@ class StreamDataModule(LightningDataModule):
                              captioned=bool(meta.get("has_captions")), latents=latents, embeddings=embeddings)
 
     def _loader(self, dataset: Any):
-        from litdata import StreamingDataLoader
-
-        return StreamingDataLoader(dataset, batch_size=self.batch_size, num_workers=self.num_workers,
+        return _loader_class()(dataset, batch_size=self.batch_size, num_workers=self.num_workers,
                                    collate_fn=collate_stream, pin_memory=torch.cuda.is_available(),
                                    persistent_workers=False)
 

@@ -239,3 +239,19 @@ def test_sigkill_then_ckpt_path_last_resumes_bit_for_bit(export, shards, tmp_pat
 @pytest.mark.timeout(900)
 def test_two_processes_killed_mid_epoch_resume_bit_for_bit(export, shards, tmp_path):
     assert_resume_is_exact(export, shards, tmp_path, "trainer=ddp_sim")
+
+
+def test_a_restored_position_applies_to_one_epoch_only(shards):
+    """Lightning stops at an epoch's known length without exhausting the loader; the epoch after a resume must
+    start fresh rather than replay the checkpoint's position (litdata alone would)."""
+    loader = datamodule(shards).train_dataloader()
+    batches = iter(loader)
+    straight = [next(batches)["id"].tolist() for _ in range(2)]
+    state = loader.state_dict()
+    rest = [batch["id"].tolist() for batch in batches]
+    following = [batch["id"].tolist() for batch in loader]
+    resumed = datamodule(shards).train_dataloader()
+    resumed.load_state_dict(state)
+    batches = iter(resumed)
+    assert next(batches)["id"].tolist() == rest[0] and straight[0] != rest[0]
+    assert [batch["id"].tolist() for batch in resumed] == following
