@@ -24,7 +24,13 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image, ImageOps
 
-from ldm.config import ConfigError, check_constructor_keys, instantiate_checked, register_resolvers, user_errors_as_messages
+from ldm.config import (
+    ConfigError,
+    check_constructor_keys,
+    instantiate_checked,
+    register_resolvers,
+    user_errors_as_messages,
+)
 from ldm.data import shards
 from ldm.data.image_files import UnreadableImageWarning, check_corrupt_fraction
 

@@ -110,7 +110,7 @@ def check_encoded(encode: dict[str, Any], first_stage: nn.Module, conditioner: n
 
     Returns whether the run should read the precomputed caption embeddings (the shards hold them and the
     conditioner has the frozen text encoder they were made with)."""
-    fix = (f"run `ldm-prepare encode=true` again with this run's first_stage.path (and cond) into a new output, or "
+    fix = ("run `ldm-prepare encode=true` again with this run's first_stage.path (and cond) into a new output, or "
            "train from the images with data.use_latents=false")
     if first_stage_fingerprint(first_stage) != encode["first_stage"]:
         raise ValueError(f"the latents in {where} were encoded by another first stage (weights fingerprint "

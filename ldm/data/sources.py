@@ -46,7 +46,12 @@ class FolderSource:
 
     def __init__(self, root: str, samples_per_shard: int = 1000, captions: bool = True,
                  labels_from_subfolders: bool = False, extensions: Sequence[str] | None = None) -> None:
-        from ldm.data.folder import DEFAULT_EXTENSIONS, collect_captions, labels_from_first_level, scan_image_files
+        from ldm.data.folder import (
+            DEFAULT_EXTENSIONS,
+            collect_captions,
+            labels_from_first_level,
+            scan_image_files,
+        )
 
         _check_per_shard(samples_per_shard)
         self.root = Path(root)

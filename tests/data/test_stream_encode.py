@@ -17,7 +17,14 @@ from ldm.lit.first_stage import FirstStage
 from ldm.train import train
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_stream import datamodule, export, prepare_shards, write_images  # noqa: E402,F401 - fixture re-used
+from test_stream import datamodule, prepare_shards, run, write_images  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def export(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("vae")
+    run(["stage=vae", "debug=fast", "logger=csv", "data.batch_size=16", f"hydra.run.dir={out}"])
+    return out / "export"
 
 ENCODE = ["encode=true", "encode_settings.image_size=32", "encode_settings.mode=L", "encode_batch_size=5"]
 
