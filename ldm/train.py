@@ -151,6 +151,11 @@ def condition_data(cfg: DictConfig, datamodule: Any, model: Any) -> Any:
     if conditioner.needs_images:
         raise ConfigError("this conditioning (cond=inpaint) works on the images themselves: set stage.latent_cache=false")
     from ldm.data.latent_cache import LatentCacheDataModule
+    from ldm.data.stream import StreamDataModule
+
+    if isinstance(datamodule, StreamDataModule):
+        raise ConfigError("stage.latent_cache=true cannot cache data=stream (shards may not fit one disk): write "
+                          "the latents into the shards with `ldm-prepare encode=true first_stage.path=...` instead")
 
     return LatentCacheDataModule(datamodule, model.first_stage, Path(cfg.paths.cache_dir) / "latents",
                                  keys=conditioner.batch_keys)

@@ -22,7 +22,8 @@ ALLOWED = {
     "model": {"nets", "diffusion", "errors", "distributed"},
     "io": {"model", "nets", "diffusion", "errors", "config"},
     "metrics": {"model", "nets", "io", "data", "errors", "distributed"},
-    "data": {"io", "errors", "distributed"},
+    # data preparation runs the frozen first stage and text encoder (latent caches, encoded shards)
+    "data": {"io", "model", "nets", "errors", "distributed"},
     "losses": {"nets", "errors"},
 }
 LIGHTNING_FREE = ("model", "nets", "diffusion", "metrics")

@@ -38,6 +38,14 @@ def test_option_composes_and_matches_its_constructors(compose_cfg, tmp_path, gro
     overrides = [f"{group}={option}"]
     if group == "data" and option == "folder":
         overrides.append(f"data.root={tmp_path}")
+    if group == "source":  # ldm-prepare's group: composed with conf/prepare.yaml
+        from hydra import compose, initialize_config_dir
+
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            cfg = compose("prepare", overrides=[*overrides, f"output={tmp_path}", f"paths.output_dir={tmp_path}"])
+        OmegaConf.resolve(cfg)
+        check_constructor_keys(cfg.source, group)
+        return
     cfg = compose_cfg(overrides, tmp_path)
     node = OmegaConf.select(cfg, group.replace("/", "."))
     assert node is not None

@@ -54,6 +54,8 @@ class FrozenTextEncoder(Embedder):
 
     output = "context"
     takes_prompts = True
+    # The batch key of caption tokens precomputed by this frozen encoder (ldm-prepare encode=true shards).
+    precomputed_key = "caption_embedding"
 
     def __init__(
         self, pretrained: str, max_length: int = 77, layer: str = "last", freeze: bool = True,
@@ -104,6 +106,18 @@ class FrozenTextEncoder(Embedder):
         if self.freeze:
             self.transformer.eval()
         return self
+
+    def forward(self, batch, force_unconditional: bool = False, generator: torch.Generator | None = None,
+                drop: torch.Tensor | None = None) -> torch.Tensor:
+        """Captions are encoded here, unless the batch carries this frozen encoder's precomputed tokens."""
+        embeddings = batch.get(self.precomputed_key) if self.freeze else None
+        if embeddings is None:
+            return super().forward(batch, force_unconditional, generator, drop)
+        if force_unconditional:
+            drop = torch.full((len(embeddings),), self.guided, dtype=torch.bool)
+        elif drop is None:
+            drop = self.drop_mask(len(embeddings), generator)
+        return precomputed_context(embeddings, drop, self._embed([""]))
 
     def encode(self, captions: Sequence[str], drop: torch.Tensor) -> torch.Tensor:
         if isinstance(captions, str) or not all(isinstance(c, str) for c in captions):
@@ -163,3 +177,23 @@ class FrozenTextEncoder(Embedder):
         if request.labels is not None and request.caption_for is not None:
             return [request.caption_for(int(y)) for y in request.labels]
         return None
+
+
+def precomputed_context(embeddings: torch.Tensor, drop: torch.Tensor, unconditional: torch.Tensor) -> torch.Tensor:
+    """A text embedder's output from precomputed caption tokens: what ``FrozenTextEncoder.encode(captions, drop)``
+    returns, without running the encoder on the batch.
+
+    embeddings: (B, L, D) ``batch["caption_embedding"]``; drop: (B,) bool, the samples whose caption is dropped
+    for classifier-free guidance; unconditional: (L, D) or (1, L, D), the encoder's tokens of ``""`` (computed
+    once, e.g. ``encoder.unconditional(1)``). Returns (B, L, D) in ``unconditional``'s dtype and device.
+    """
+    if embeddings.ndim != 3:
+        raise ValueError(f"caption embeddings must be (B, L, D), got {tuple(embeddings.shape)}")
+    unconditional = unconditional.reshape(1, *unconditional.shape[-2:])
+    if embeddings.shape[1:] != unconditional.shape[1:]:
+        raise ValueError(f"caption embeddings of shape {tuple(embeddings.shape[1:])} do not match the encoder's "
+                         f"{tuple(unconditional.shape[1:])} (max_length, dim): the shards were made with another text "
+                         "encoder setting")
+    embeddings = embeddings.to(device=unconditional.device, dtype=unconditional.dtype)
+    keep = ~drop.to(device=unconditional.device, dtype=torch.bool).view(-1, 1, 1)
+    return torch.where(keep, embeddings, unconditional)
