@@ -52,14 +52,15 @@ class SpeedConfig:
     vae_chunk_size: the frozen first stage encodes/decodes at most this many images at a time, which
         bounds its activation memory for large batches; null = the whole batch at once.
     fsdp_units: under FSDP, the backbone submodules (by class name) sharded as one unit each: one all-gather
-        of their weights in forward, one reduce-scatter of their gradients in backward.
+        of their weights in forward, one reduce-scatter of their gradients in backward; None: the backbone's own
+        ``fsdp_units``.
     """
 
     compile_unet: bool = False
     compile_mode: str = "default"
     channels_last: bool = False
     vae_chunk_size: int | None = None
-    fsdp_units: tuple[str, ...] = ("ResBlock", "SpatialTransformer", "DiTBlock")
+    fsdp_units: tuple[str, ...] | None = None
 
 
 class LatentDiffusionModule(pl.LightningModule):
@@ -116,7 +117,8 @@ class LatentDiffusionModule(pl.LightningModule):
         # This strategy loads a checkpoint into the sharded model before on_load_checkpoint can add the frozen
         # tensors checkpoints omit; ldm-train has checked the checkpoint's keys at start-up (check_resume_checkpoint).
         self.strict_loading = False
-        units = self.speed.fsdp_units
+        # null: the blocks the backbone declares as its sharding units (ldm.nets.backbone)
+        units = self.speed.fsdp_units if self.speed.fsdp_units is not None else getattr(self.model.backbone, "fsdp_units", ())
         sharding.shard_module(self.model.backbone, data_parallel, units)
         if self.ema is not None:
             sharding.shard_module(self.ema.model, data_parallel, units)

@@ -13,6 +13,9 @@ and computes ``forward(x, timesteps, context=None, y=None) -> same shape as x[:,
 (``{"context", "y", "concat"}``) reaches a backbone only through :func:`run_backbone`, which joins ``concat``
 to the input: a backbone never sees the conditioner, and a conditioner never reads a backbone's attributes.
 
+It may also name ``fsdp_units``: the class names of the blocks FSDP shards as one unit each (default: none, the
+whole backbone is one unit).
+
 A backbone *factory* (a class, or a Hydra ``_partial_``) takes :meth:`ConditionSpec.backbone_kwargs`, so a
 config names only the backbone's own sizes and the conditioning wires itself.
 """

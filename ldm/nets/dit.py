@@ -250,6 +250,9 @@ class DiT(nn.Module):
         timestep_freq_shift: 0 = official DiT timestep frequencies; 1 = diffusers' DiTTransformer2DModel.
     """
 
+    # The blocks FSDP shards as one unit each (ldm.nets.backbone).
+    fsdp_units = ("DiTBlock",)
+
     def __init__(
         self, input_size: int = 32, patch_size: int = 2, in_channels: int = 4, out_channels: int | None = None,
         hidden_size: int = 1152, depth: int = 28, num_heads: int = 16, mlp_ratio: float = 4.0,

@@ -191,6 +191,9 @@ class UNetModel(nn.Module):
             the TransformerSpec's context_dim (which must then be unset or equal).
     """
 
+    # The blocks FSDP shards as one unit each (ldm.nets.backbone).
+    fsdp_units = ("ResBlock", "SpatialTransformer")
+
     def __init__(
         self, in_channels: int, out_channels: int, model_channels: int, channel_mult: Sequence[int],
         num_res_blocks: int, transformer: TransformerSpec | Mapping | None = None,
