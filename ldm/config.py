@@ -248,8 +248,8 @@ def rename_deprecated_overrides(argv: list[str]) -> list[str]:
 
 
 def apply_deprecated_keys(cfg: DictConfig) -> DictConfig:
-    """A config (e.g. a user's model/ldm yaml) that still defines ``model.ldm.unet``: moved to
-    ``model.ldm.backbone`` with a warning. A full UNet config of the old style (channels and context wired
+    """A config (e.g. a user's model/ldm yaml, or a study variant overriding a few UNet keys) that still defines
+    ``model.ldm.unet``: moved (merged) into ``model.ldm.backbone`` with a warning. A full UNet config of the old style (channels and context wired
     through ``cond.*``) becomes a factory: the model now gives those from its conditioner."""
     node = OmegaConf.select(cfg, "model.ldm")
     if node is None or "unet" not in node:
@@ -262,6 +262,9 @@ def apply_deprecated_keys(cfg: DictConfig) -> DictConfig:
             backbone.pop(key, None)
         if isinstance(backbone.get("transformer"), DictConfig):
             backbone.transformer.pop("context_dim", None)
-        backbone["_partial_"] = True
-        node["backbone"] = backbone
+        if "backbone" in node:  # a partial override (a study's variant) of today's backbone: merged into it
+            node["backbone"] = OmegaConf.merge(node.backbone, backbone)
+        else:
+            backbone["_partial_"] = True
+            node["backbone"] = backbone
     return cfg

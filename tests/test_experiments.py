@@ -16,7 +16,7 @@ from ldm import experiment
 from ldm.experiment import StudyError, available_studies, load_study, run_study
 
 ROOT = Path(__file__).resolve().parents[1]
-STUDIES = ["f_factor", "prediction", "min_snr", "guidance", "samplers", "cache", "recipe"]
+STUDIES = ["f_factor", "prediction", "min_snr", "guidance", "samplers", "cache", "recipe", "backbone"]
 
 
 @pytest.fixture(scope="module")
