@@ -48,7 +48,7 @@ class RankRecorder(pl.Callback):
         self.losses: list[float] = []
 
     def on_train_start(self, trainer, pl_module) -> None:
-        objective, draw = pl_module.objective, pl_module.objective.sample_timesteps
+        objective, draw = pl_module.model.objective, pl_module.model.objective.sample_timesteps
 
         def recording(batch_size, like, generator=None):
             t = draw(batch_size, like, generator)
