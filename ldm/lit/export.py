@@ -11,6 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ldm.io.compvis import autoencoder_config_node
 from ldm.io.export import read_export, save_export
+from ldm.lit.finetune import lora_export
 
 
 @torch.no_grad()
@@ -107,6 +108,8 @@ class LatentDiffusionExport(pl.Callback):
         tensors = pl_module.export_tensors()  # every rank: under FSDP this gathers the shards
         if not trainer.is_global_zero:
             return
+        # finetune=lora: the merged model is the export, the adapters go to <export>/lora (ldm.lit.finetune)
+        tensors = lora_export(self.cfg, pl_module, tensors, self.folder)
         meta = {
             "kind": "ldm",
             "latent_channels": int(pl_module.first_stage.latent_channels),

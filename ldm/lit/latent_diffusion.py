@@ -17,6 +17,7 @@ from torch import nn
 
 from ldm.config import ConfigError
 from ldm.diffusion.objective import DiffusionObjective
+from ldm.finetune.wiring import frozen_backbone_state  # finetune (issue 18)
 from ldm.io.checkpoint_io import omit_frozen_state, restore_frozen_state, tensors_hash
 from ldm.lit import sharding
 from ldm.lit.ema import EMA, EMAConfig
@@ -254,8 +255,12 @@ class LatentDiffusionModule(pl.LightningModule):
         their source on resume instead of stored in every checkpoint (about 1 GB at SD-1.5 size)."""
         trainable = {f"conditioner.{n}" for n, p in self.conditioner.named_parameters() if p.requires_grad}
         own = self.state_dict()
-        return {k: v for k, v in own.items()
-                if k.startswith("first_stage.") or (k.startswith("conditioner.") and k not in trainable)}
+        frozen = {k: v for k, v in own.items()
+                  if k.startswith("first_stage.") or (k.startswith("conditioner.") and k not in trainable)}
+        # >>> finetune (issue 18): a LoRA base / freeze list's frozen backbone weights come from init, not checkpoints
+        frozen.update(frozen_backbone_state(own, self.unet))
+        # <<< finetune
+        return frozen
 
     def frozen_fingerprint(self) -> str:
         if self._frozen_hash is None:  # frozen: hashed once per run
@@ -271,7 +276,9 @@ class LatentDiffusionModule(pl.LightningModule):
     # --- optimisation ----------------------------------------------------------------------------
     def trainable_parameters(self) -> list[nn.Parameter]:
         # The conditioner's learned parts (class embeddings) train with the UNet; frozen encoders don't.
-        params = list(self.unet.parameters()) + [p for p in self.conditioner.parameters() if p.requires_grad]
+        # finetune (issue 18): only the backbone parameters that train (LoRA adapters, the freeze list's rest)
+        params = [p for p in self.unet.parameters() if p.requires_grad] + [
+            p for p in self.conditioner.parameters() if p.requires_grad]
         return params
 
     def configure_optimizers(self):
