@@ -208,6 +208,12 @@ class ImageFolderDataModule(ImageDataModule):
         labels_from_subfolders: class label from the first-level subfolder name.
         captions: read captions from ``captions.jsonl`` / sidecar ``.txt`` files.
         scan: :class:`FolderScanOptions` or a mapping of its fields.
+        instance_prompt: one caption for every image of ``root`` (DreamBooth-style small sets, Ruiz et al.
+            2023), replacing captions.jsonl / sidecars.
+        prior_root: a second folder of prior-preservation images (the class the instances belong to, e.g. made
+            by the base model itself), captioned ``prior_prompt`` (or their own captions when it is null).
+        prior_weight: prior images per instance image in each epoch (DreamBooth's lambda): the smaller set is
+            repeated so that every image of both is seen and the ratio holds. Validation uses ``root`` only.
     """
 
     def __init__(
@@ -225,8 +231,17 @@ class ImageFolderDataModule(ImageDataModule):
         captions: bool = True,
         scan: FolderScanOptions | Mapping | None = None,
         judge: str | None = None,
+        instance_prompt: str | None = None,
+        prior_root: str | None = None,
+        prior_prompt: str | None = None,
+        prior_weight: float = 1.0,
     ) -> None:
         super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed, judge=judge)
+        if prior_root is not None and (labels_from_subfolders or not prior_weight > 0):
+            raise ValueError("prior_root mixes captioned prior images in: it needs labels_from_subfolders=false and "
+                             f"prior_weight > 0 (got {labels_from_subfolders}, {prior_weight})")
+        self.instance_prompt, self.prior_prompt, self.prior_weight = instance_prompt, prior_prompt, float(prior_weight)
+        self.prior_root = None if prior_root is None else Path(prior_root)
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"val_fraction must lie in [0, 1), got {val_fraction}")
         if scan is None:
@@ -264,6 +279,8 @@ class ImageFolderDataModule(ImageDataModule):
             labels_from_first_level(self.root, files) if self.labels_from_subfolders else (None, [])
         )
         captions = collect_captions(self.root, files, sidecars) if self.use_captions else None
+        if self.instance_prompt is not None:
+            captions = [self.instance_prompt] * len(files)
         self.num_classes = len(class_names) if labels is not None else None
         self.class_names = class_names
         self.has_captions = captions is not None
@@ -273,10 +290,31 @@ class ImageFolderDataModule(ImageDataModule):
         )
         if len(train_idx) == 0:
             raise ValueError(f"{where} has {len(files)} readable images, too few to train on; add images")
+        if self.prior_root is not None:
+            files, captions, train_idx = self._with_prior(files, captions or [""] * len(files), train_idx)
         self.train_dataset = self._subset(files, labels, captions, train_idx, self.train_transform)
         self.val_dataset = (
             self._subset(files, labels, captions, val_idx, self.val_transform) if len(val_idx) else None
         )
+
+    def _with_prior(self, files: list[Path], captions: list[str], train_idx: np.ndarray):
+        """Files and captions extended by the prior folder, and a training index list that repeats the smaller
+        side so that prior images number ``prior_weight`` x instance images, each image seen at least once."""
+        prior, sidecars = scan_image_files(self.prior_root, self.scan.extensions)
+        if not prior:
+            raise ValueError(f"no image files found under prior_root={self.prior_root}")
+        prior = drop_unreadable(prior, self.val_transform, self.scan, self.seed, str(self.prior_root))
+        if self.prior_prompt is not None:
+            prior_captions = [self.prior_prompt] * len(prior)
+        else:
+            prior_captions = collect_captions(self.prior_root, prior, sidecars) or [""] * len(prior)
+        instances = len(train_idx)
+        # n_inst instance draws and n_prior = weight * n_inst prior draws, both covering their whole set
+        n_inst = max(instances, int(np.ceil(len(prior) / self.prior_weight)))
+        n_prior = max(len(prior), int(round(self.prior_weight * n_inst)))
+        offset = len(files)
+        index = np.concatenate([np.resize(train_idx, n_inst), offset + np.resize(np.arange(len(prior)), n_prior)])
+        return [*files, *prior], [*captions, *prior_captions], index
 
     def _subset(
         self,
