@@ -165,13 +165,14 @@ def batch_plan(cfg: DictConfig, trainer: pl.Trainer) -> dict[str, int]:
 
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit the configured stage; returns the final logged metrics and the paths it wrote."""
+    out = run_dir(cfg)
+    # finetune (issue 18): init= / finetune= set the stage-2 nodes they decide, before anything reads them (cached
+    # resolvers would keep the values seen first) and before config.yaml records them
+    base = configure_finetune(cfg, out)
     check_config(cfg)
     configure_backends(cfg)
-    out = run_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
     ckpt_path = resolve_ckpt_path(cfg, out)
-    # finetune (issue 18): init= / finetune= set the stage-2 nodes they decide, before config.yaml records them
-    base = configure_finetune(cfg, out)
     write_text_atomic(out / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     pl.seed_everything(int(cfg.seed), workers=True)
 

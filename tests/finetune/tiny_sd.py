@@ -87,3 +87,19 @@ def image_folder(root: Path, n: int = 8, size: int = 32, caption: str = "a red s
         lines.append(json.dumps({"file": f"{i}.png", "caption": f"{caption} {i}"}))
     (root / "captions.jsonl").write_text("\n".join(lines) + "\n")
     return root
+
+
+def stage2(tiny: Path, *extra: str) -> list[str]:
+    """A few-step stage-2 run on the tiny image folder (32 px RGB, captions), nothing sampled."""
+    return ["stage=ldm", "data=folder", f"data.root={tiny / 'images'}", "data.image_size=32", "data.num_workers=0",
+            "data.val_fraction=0.25", "debug=fast", "logger=csv", "data.batch_size=2", "trainer.deterministic=true",
+            "stage.final_samples.enabled=false", "stage.module.preview.every_n_steps=0", *extra]
+
+
+def compvis(tiny: Path) -> list[str]:
+    return ["init=compvis", f"init.path={tiny / 'sd.safetensors'}", f"init.tokenizer={tiny / 'tokenizer'}",
+            "init.prediction=eps"]
+
+
+def diffusers_init(tiny: Path) -> list[str]:
+    return ["init=diffusers", f"init.path={tiny / 'diffusers'}"]
