@@ -64,7 +64,7 @@ def check_targets(module: nn.Module, targets: Sequence[str], where: str) -> None
                            for n in layers})
         raise ConfigError(
             f"LoRA target module(s) {absent} match no layer of the {where}; its linear/conv layers are named e.g. "
-            f"{suffixes[:12]} (full names like {layers[:2]}). Fix finetune.lora target_modules"
+            f"{suffixes[:30]} (full names like {layers[:2]}). Fix finetune.lora target_modules"
         )
 
 

@@ -16,7 +16,7 @@ from ldm.io.convert import autoencoder_from_diffusers, autoencoder_from_diffuser
 
 UNET_CONFIG = dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=[32, 64], layers_per_block=1,
                    down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
-                   up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"], cross_attention_dim=64, attention_head_dim=2)
+                   up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"], cross_attention_dim=64, attention_head_dim=8)  # 8 heads, as SD-1.x
 VAE_CONFIG = dict(in_channels=3, out_channels=3, block_out_channels=[32, 64], layers_per_block=1, latent_channels=4,
                   down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
                   sample_size=16, scaling_factor=0.5)
@@ -52,6 +52,10 @@ def build(folder: Path, prediction: str = "epsilon") -> dict:
     import diffusers
 
     unet = randomize(diffusers.UNet2DConditionModel(**UNET_CONFIG), 1)
+    with torch.no_grad():  # attention logits of order 1, so that the head layout shows in the outputs
+        for name, param in unet.named_parameters():
+            if name.endswith(("to_q.weight", "to_k.weight")):
+                param.mul_(8.0)
     vae = randomize(diffusers.AutoencoderKL(**VAE_CONFIG), 2, 0.05)
     tokenizer, text_model = tokenizer_and_text_model()
     scheduler = diffusers.DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
