@@ -95,15 +95,33 @@ def measure(before: Path, after: Path, out: Path, n: int, per_digit: int, scale:
         evaluate([*common, f"n={per_digit}", "metrics=[accuracy,fid]", f"out_dir={folder / 'digits'}"])
         rows[name] = {"new": metrics_of(folder / "new_acc").get("metrics", {}), "stroke": stroke_statistics(images),
                       "digits": metrics_of(folder / "digits").get("metrics", {})}
-        grids.append(images[:32])
+        grids.append(images[:32])  # the first 32 samples of the new caption
     images, labels, train_idx = training_digits()
     sevens = images[train_idx[labels[train_idx] == SEVEN]]
     rows["data"] = {"plain sevens": stroke_statistics(sevens), "bold sevens": stroke_statistics(embolden(sevens))}
     (out / "results.json").write_text(json.dumps(rows, indent=2, sort_keys=True))
-    tiles = [g[:32].reshape(4, 8, 32, 32).transpose(0, 2, 1, 3).reshape(128, 256) for g in grids]
+    grids = [np.concatenate([g, np.zeros((32 - len(g), 32, 32), np.uint8)]) for g in grids]  # 4 x 8 tiles each
+    tiles = [g.reshape(4, 8, 32, 32).transpose(0, 2, 1, 3).reshape(128, 256) for g in grids]
     grid = np.concatenate([tiles[0], np.full((128, 8), 255, np.uint8), tiles[1]], axis=1)  # before | after
     Image.fromarray(grid.astype(np.uint8), mode="L").resize((grid.shape[1] * 3, 384), Image.NEAREST).save(out / "grid.png")
-    print(json.dumps(rows, indent=2, sort_keys=True))
+    (out / "results.md").write_text(table(rows))
+    print(table(rows))
+
+
+def table(rows: dict) -> str:
+    def value(metrics: dict, key: str, fmt: str) -> str:
+        return format(metrics[key]["value"], fmt) if key in metrics else "n/a"
+
+    lines = [f'| model | "{PROMPT}": judged a 7 | ink fraction | stroke width (px) | every digit: accuracy | every digit: FID(judge128) |',
+             "|---|---|---|---|---|---|"]
+    for name, label in (("before", "base (embedded text model)"), ("after", "LoRA fine-tuned")):
+        row = rows[name]
+        lines.append(f"| {label} | {value(row['new'], 'accuracy', '.1%')} (n={row['new'].get('accuracy', {}).get('n')}) "
+                     f"| {row['stroke']['ink_fraction']:.3f} | {row['stroke']['stroke_width_px']:.2f} "
+                     f"| {value(row['digits'], 'accuracy', '.1%')} | {value(row['digits'], 'fid', '.1f')} |")
+    for name, stats in rows["data"].items():
+        lines.append(f"| training data: {name} | | {stats['ink_fraction']:.3f} | {stats['stroke_width_px']:.2f} | | |")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -34,7 +34,8 @@ UNET_TARGET = "ldm.nets.unet.UNetModel"
 class InitSpec:
     """Where stage 2 starts from.
 
-    format: compvis (single file), diffusers (pipeline folder or hub id) or export (an ldm-train stage-2 export).
+    format: none (random initialisation: nothing is loaded), compvis (single file), diffusers (pipeline folder or
+        hub id) or export (an ldm-train stage-2 export).
     derive_config: the backbone config is read from the source (true), or model/ldm must match it (false).
     first_stage / conditioner: also take the autoencoder / text encoder from the source (else the configured ones).
     use_ema: a CompVis file's model_ema.* copy of the UNet instead of model.diffusion_model.*.
@@ -56,10 +57,14 @@ class InitSpec:
     text_encoder: str | None = None
 
     def __post_init__(self) -> None:
-        if self.format not in src.FORMATS:
-            raise src.InitError(f"init.format={self.format!r} is not one of {src.FORMATS}")
+        if self.format not in ("none", *src.FORMATS):
+            raise src.InitError(f"init.format={self.format!r} is not one of {('none', *src.FORMATS)}")
         if self.use_ema and self.format != "compvis":
             raise src.InitError("init.use_ema reads a CompVis file's model_ema.* copy: only with init=compvis")
+
+    @property
+    def loads(self) -> bool:
+        return self.format != "none"
 
     @property
     def local(self) -> Path:

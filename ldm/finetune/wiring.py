@@ -62,7 +62,7 @@ def trained_fraction(module: nn.Module) -> tuple[int, int]:
 def prepare_backbone(backbone: nn.Module, init: InitSpec | None = None, finetune: FinetuneSpec | None = None,
                      report: str | None = None) -> nn.Module:
     """The backbone as training sees it: pretrained weights loaded (init), then LoRA or the freeze list."""
-    if init is not None:
+    if init is not None and init.loads:
         init_report(init, report)
         load_backbone(backbone, init)
     if finetune is not None and finetune.mode == "lora":
@@ -121,6 +121,8 @@ def configure(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any] | None:
     """Apply ``init=`` / ``finetune=`` to the composed config (see the module docstring). Returns the base
     reference recorded in checkpoints, or None when the run is an ordinary one."""
     init_node, finetune_node = cfg.get("init"), cfg.get("finetune")
+    if init_node is not None and init_node.get("format") == "none":
+        init_node = None
     finetune = FinetuneSpec(**{k: v for k, v in OmegaConf.to_container(finetune_node, resolve=True).items()
                                if k != "_target_"}) if finetune_node is not None else None
     if finetune is not None:
@@ -162,9 +164,11 @@ def _apply_init(cfg: DictConfig, init: InitSpec) -> None:
     _set(cfg, "schedule", nodes["schedule"])
     _set(cfg, "objective.prediction", nodes["prediction"])
     if "first_stage" in nodes:
-        if init.format != "export":
-            nodes["first_stage"]["sample_posterior"] = bool(OmegaConf.select(cfg, "first_stage.sample_posterior",
-                                                                             default=True))
+        # settings of the first stage the user gave (SD single files state no scale: first_stage.scale_factor=0.18215)
+        for key in ("sample_posterior", "scale_factor"):
+            value = OmegaConf.select(cfg, f"first_stage.{key}", default=None)
+            if value is not None:
+                nodes["first_stage"][key] = value
         _set(cfg, "first_stage", nodes["first_stage"])
     if "conditioner" in nodes:
         if init.format != "export":

@@ -88,7 +88,8 @@ class LatentDiffusionExport(pl.Callback):
         """The stage-1 export's own config (any autoencoder type), or one derived from a pretrained KL model."""
         path = self.cfg.first_stage.get("path")
         if path is not None and (Path(str(path)) / "meta.json").is_file():
-            _, config, _ = read_export(path, kind="autoencoder")
+            # a stage-1 export, or the stage-2 export an init=export run started from: both hold `autoencoder`
+            _, config, _ = read_export(path)
             return OmegaConf.to_container(config.autoencoder, resolve=True)
         return autoencoder_config_node(autoencoder)
 
