@@ -21,7 +21,7 @@ from torch import nn
 
 from ldm.config import ConfigError
 from ldm.finetune.init import InitSpec, derived_nodes, init_report, load_backbone
-from ldm.finetune.lora import LoraSpec, apply_lora, freeze_except, has_lora
+from ldm.finetune.lora import LoraSpec, apply_lora, freeze_except
 
 log = logging.getLogger("ldm.finetune")
 MODES = ("full", "lora")

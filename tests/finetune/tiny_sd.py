@@ -12,7 +12,12 @@ import torch
 from PIL import Image
 
 from ldm.diffusion.schedules import NoiseSchedule
-from ldm.io.convert import autoencoder_from_diffusers, autoencoder_from_diffusers_config, unet_from_diffusers, unet_from_diffusers_config
+from ldm.io.convert import (
+    autoencoder_from_diffusers,
+    autoencoder_from_diffusers_config,
+    unet_from_diffusers,
+    unet_from_diffusers_config,
+)
 
 UNET_CONFIG = dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=[32, 64], layers_per_block=1,
                    down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
