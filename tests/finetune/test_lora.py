@@ -19,7 +19,7 @@ from ldm.export_cli import main as export_main
 from ldm.finetune.adapters import DIFFUSERS_LORA_WEIGHTS
 from ldm.finetune.lora import LoraSpec, apply_lora, merge_lora_state
 from ldm.finetune.wiring import configure
-from ldm.io.load import load_ldm_export
+from ldm.io.load import load_ldm, load_ldm_export
 from ldm.train import train
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -91,6 +91,10 @@ def test_export_adapters_load_in_diffusers_with_our_merged_outputs(lora_run, tin
         ours = sampler.unet(x, t, context=ctx)
     assert (theirs - base).norm() > 0.05 * base.norm()  # the adapters matter, so the comparison can fail
     assert ((ours - theirs).norm() / theirs.norm()) < 1e-4
+    # ldm-sample / ldm-evaluate on the run's .ckpt: the base rebuilt from init, the adapters from the checkpoint
+    from_ckpt, _ = load_ldm(lora_run / "checkpoints" / "last.ckpt")
+    with torch.no_grad():
+        torch.testing.assert_close(from_ckpt.unet(x, t, context=ctx), ours, rtol=1e-4, atol=1e-5)
     # --merge is needed to write the merged model in the ecosystem's formats
     assert export_main([str(lora_run / "export"), "--diffusers", str(tmp_path / "d")]) == 2
     assert export_main([str(lora_run / "export"), "--merge", "--compvis", str(tmp_path / "m.safetensors")]) == 0
