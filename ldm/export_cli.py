@@ -10,6 +10,8 @@
     ``scheduler/`` (DDIMScheduler with our betas and prediction type), ``model_index.json``, and
     ``conditioner.json`` naming the frozen text encoder (its weights are referenced, never copied) plus
     ``conditioner.safetensors`` with the learned conditioner parts (class embeddings), if any.
+--lora: the adapters of a ``finetune=lora`` run (``<export>/lora``) as ``pytorch_lora_weights.safetensors`` in
+    diffusers/peft naming; ``--merge`` is required to write such a run's merged model with --diffusers/--compvis.
 Every file is written atomically; the diffusers folder appears complete or not at all.
 """
 
@@ -30,6 +32,7 @@ import torch
 from omegaconf import OmegaConf
 
 from ldm.diffusion.schedules import NoiseSchedule
+from ldm.finetune.adapters import read_adapter, write_diffusers_lora
 from ldm.io.compvis import COND_STAGE_PREFIX, FIRST_STAGE_PREFIX, UNET_PREFIX, strip_prefix
 from ldm.io.convert import (
     autoencoder_to_diffusers,
@@ -300,6 +303,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--diffusers", type=Path, help="diffusers folder to write")
     parser.add_argument("--text-encoder", help="path or hub id to reference for the frozen text encoder "
                                                "(default: the one the model was trained with)")
+    parser.add_argument("--lora", type=Path, help="folder for the LoRA adapters of a finetune=lora run, in the layout "
+                                              "diffusers' load_lora_weights / load_lora_adapter read")
+    parser.add_argument("--merge", action="store_true", help="a finetune=lora export: write the merged model with "
+                                                             "--diffusers / --compvis (required for it)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     return parser
 
@@ -307,9 +314,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.compvis is None and args.diffusers is None:
-        parser.error("nothing to do: give --compvis FILE.safetensors and/or --diffusers FOLDER")
+    if args.compvis is None and args.diffusers is None and args.lora is None:
+        parser.error("nothing to do: give --compvis FILE.safetensors, --diffusers FOLDER and/or --lora FOLDER")
     try:
+        if read_adapter(args.export) is not None and not args.merge and (args.compvis or args.diffusers):
+            raise ExportError(f"{args.export} is a LoRA fine-tune: pass --merge to write the merged model with "
+                              "--diffusers/--compvis, or --lora FOLDER to write the adapters alone")
         if args.compvis is not None and not args.overwrite:
             for path in (args.compvis, args.compvis_yaml or args.compvis.with_suffix(".yaml")):
                 if path.exists():
@@ -324,6 +334,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"CompVis single file: {weights}\n  original config: {yaml_path}")
         if args.diffusers is not None:
             print(f"diffusers folder: {write_diffusers(parts, args.diffusers, args.overwrite)}")
+        if args.lora is not None:
+            print(f"LoRA adapters (diffusers layout): {write_diffusers_lora(args.export, args.lora, parts.unet, args.overwrite)}")
     except ValueError as err:  # ExportError / ConversionError / bad schedule: a message, not a traceback
         print(f"ldm-export: error: {err}", file=sys.stderr)
         return 2

@@ -31,9 +31,11 @@ from ldm.config import (
     sweep_tags,
     user_errors_as_messages,
 )
+from ldm.finetune.wiring import configure as configure_finetune
 from ldm.io.checkpoint_io import check_resume_checkpoint, newest_resume_checkpoint, read_checkpoint
 from ldm.io.export import write_text_atomic
 from ldm.lit.export import AutoencoderExport, LatentDiffusionExport
+from ldm.lit.finetune import BaseReference
 from ldm.lit.reliability import NonFiniteLossError, keep_csv_history
 
 log = logging.getLogger("ldm.train")
@@ -187,9 +189,12 @@ def batch_plan(cfg: DictConfig, trainer: pl.Trainer) -> dict[str, int]:
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit the configured stage; returns the final logged metrics and the paths it wrote."""
     apply_deprecated_keys(cfg)
+    out = run_dir(cfg)
+    # finetune (issue 18): init= / finetune= set the stage-2 nodes they decide, before anything reads them (cached
+    # resolvers would keep the values seen first) and before config.yaml records them
+    base = configure_finetune(cfg, out)
     check_config(cfg)
     configure_backends(cfg)
-    out = run_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
     ckpt_path = resolve_ckpt_path(cfg, out)
     write_text_atomic(out / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
@@ -202,6 +207,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if cfg.stage.name == "ldm":
         datamodule = condition_data(cfg, datamodule, module.model)
     callbacks = build_callbacks(cfg, out)
+    if base is not None:  # finetune (issue 18): checkpoints name the base their omitted weights come from
+        callbacks.append(BaseReference(base))
     loggers = build_loggers(cfg)
     if not loggers:
         # logger=none: LearningRateMonitor would refuse the logger-less Trainer at fit start, and has

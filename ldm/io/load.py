@@ -95,7 +95,12 @@ def load_ldm_checkpoint(path: str | Path, device: str | torch.device = "cpu", us
     upgrade_checkpoint_keys(checkpoint)
     holder = torch.nn.Module()
     holder.model = model
-    state = restore_frozen_state(checkpoint, holder, lambda: tensors_hash(model.frozen_state(prefix="model.")))
+    ema_prefix = None
+    if cfg.stage.module.get("ema") is not None:
+        # An EMA of a partly frozen backbone (LoRA) shares the frozen weights: they are the backbone's.
+        ema_prefix, holder.ema = "ema.model.", torch.nn.Module()
+        holder.ema.model = model.backbone
+    state = restore_frozen_state(checkpoint, holder, lambda: tensors_hash(model.frozen_state("model.", ema_prefix)))
     load_state_strict(model, _split(state, "model."), str(path))
     ema = _split(state, "ema.model.")
     if use_ema and ema:

@@ -40,6 +40,11 @@ class EMA(nn.Module):
         super().__init__()
         self.config = config
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        # Parameters that do not train (a LoRA base, a freeze list) never change: the copy shares them instead of
+        # holding a second one (a full SD UNet for a few MB of adapters), and only the trained ones are averaged.
+        self.averaged = [n for n, p in model.named_parameters() if p.requires_grad]
+        if len(self.averaged) < len(list(model.parameters())):
+            _share_frozen(self.model, model)
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
 
     def current_decay(self) -> float:
@@ -52,8 +57,9 @@ class EMA(nn.Module):
         if sharding.is_sharded(self.model):
             # FSDP: both copies are sharded alike, so each rank averages its own shards, no communication.
             sharding.reshard(self.model)
-        ema_params = [sharding.local(p) for p in self.model.parameters()]
-        live_params = [sharding.local(p.detach()) for p in model.parameters()]
+        ema, live = dict(self.model.named_parameters()), dict(model.named_parameters())
+        ema_params = [sharding.local(ema[n]) for n in self.averaged]
+        live_params = [sharding.local(live[n].detach()) for n in self.averaged]
         # ema <- ema + (1 - decay) * (live - ema), one fused kernel over all tensors.
         torch._foreach_lerp_(ema_params, [p.to(e.dtype) for p, e in zip(live_params, ema_params)], 1.0 - decay)
         for ema_buf, buf in zip(self.model.buffers(), model.buffers()):
@@ -65,3 +71,11 @@ class EMA(nn.Module):
         super().train(mode)
         self.model.eval()
         return self
+
+
+def _share_frozen(copy_: nn.Module, model: nn.Module) -> None:
+    """Point ``copy_``'s parameters that are frozen in ``model`` at ``model``'s own tensors."""
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            owner, _, leaf = name.rpartition(".")
+            setattr(copy_.get_submodule(owner) if owner else copy_, leaf, param)

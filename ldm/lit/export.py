@@ -11,6 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ldm.io.compvis import autoencoder_config_node
 from ldm.io.export import read_export, save_export
+from ldm.lit.finetune import lora_export
 
 
 @torch.no_grad()
@@ -87,7 +88,8 @@ class LatentDiffusionExport(pl.Callback):
         """The stage-1 export's own config (any autoencoder type), or one derived from a pretrained KL model."""
         path = self.cfg.first_stage.get("path")
         if path is not None and (Path(str(path)) / "meta.json").is_file():
-            _, config, _ = read_export(path, kind="autoencoder")
+            # a stage-1 export, or the stage-2 export an init=export run started from: both hold `autoencoder`
+            _, config, _ = read_export(path)
             return OmegaConf.to_container(config.autoencoder, resolve=True)
         return autoencoder_config_node(autoencoder)
 
@@ -108,6 +110,8 @@ class LatentDiffusionExport(pl.Callback):
         tensors = pl_module.export_tensors()  # every rank: under FSDP this gathers the shards
         if not trainer.is_global_zero:
             return
+        # finetune=lora: the merged model is the export, the adapters go to <export>/lora (ldm.lit.finetune)
+        tensors = lora_export(self.cfg, pl_module, tensors, self.folder)
         meta = {
             "kind": "ldm",
             "latent_channels": int(pl_module.model.first_stage.latent_channels),

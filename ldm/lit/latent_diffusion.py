@@ -206,7 +206,7 @@ class LatentDiffusionModule(pl.LightningModule):
     def frozen_state(self) -> dict[str, torch.Tensor]:
         """State of the parts that never train: the first stage and frozen conditioner encoders. Rebuilt from
         their source on resume instead of stored in every checkpoint (about 1 GB at SD-1.5 size)."""
-        return self.model.frozen_state(prefix="model.")
+        return self.model.frozen_state(prefix="model.", ema_prefix="ema.model." if self.ema is not None else None)
 
     def frozen_fingerprint(self) -> str:
         if self._frozen_hash is None:  # frozen: hashed once per run
@@ -222,8 +222,10 @@ class LatentDiffusionModule(pl.LightningModule):
 
     # --- optimisation ----------------------------------------------------------------------------
     def trainable_parameters(self) -> list[nn.Parameter]:
-        # The conditioner's learned parts (class embeddings) train with the backbone; frozen encoders don't.
-        params = list(self.model.backbone.parameters()) + [p for p in self.model.conditioner.parameters() if p.requires_grad]
+        # The conditioner's learned parts (class embeddings) train with the backbone; frozen encoders don't, nor
+        # (finetune=lora / a freeze list) the frozen backbone weights.
+        params = [p for p in self.model.backbone.parameters() if p.requires_grad] + [
+            p for p in self.model.conditioner.parameters() if p.requires_grad]
         return params
 
     def configure_optimizers(self):

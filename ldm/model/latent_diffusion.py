@@ -69,12 +69,20 @@ class LatentDiffusion(nn.Module):
         """The same model with another backbone of the same shape (the EMA copy), sharing everything else."""
         return LatentDiffusion(backbone, self.conditioner, self.first_stage, self.objective)
 
-    def frozen_state(self, prefix: str = "") -> dict[str, torch.Tensor]:
-        """The tensors that never train: the first stage and frozen conditioner encoders (keys with ``prefix``).
-        Checkpoints leave them out and take them from their source (an export, pretrained weights) on load."""
+    def frozen_state(self, prefix: str = "", ema_prefix: str | None = None) -> dict[str, torch.Tensor]:
+        """The tensors that never train: the first stage, frozen conditioner encoders and frozen backbone weights
+        (a LoRA base, a freeze list's rest), keys with ``prefix``. Checkpoints leave them out and take them from
+        their source (an export, pretrained weights) on load. ``ema_prefix``: also the EMA copy's names of the
+        frozen backbone weights, which an EMA of a partly frozen backbone shares instead of copying."""
         trainable = {f"conditioner.{n}" for n, p in self.conditioner.named_parameters() if p.requires_grad}
-        return {prefix + k: v for k, v in self.state_dict().items()
-                if k.startswith("first_stage.") or (k.startswith("conditioner.") and k not in trainable)}
+        frozen_backbone = {n for n, p in self.backbone.named_parameters() if not p.requires_grad}
+        state = self.state_dict()
+        frozen = {prefix + k: v for k, v in state.items()
+                  if k.startswith("first_stage.") or (k.startswith("conditioner.") and k not in trainable)
+                  or k.removeprefix("backbone.") in frozen_backbone and k.startswith("backbone.")}
+        if ema_prefix is not None:
+            frozen.update({ema_prefix + n: state[f"backbone.{n}"] for n in frozen_backbone})
+        return frozen
 
     @property
     def device(self) -> torch.device:
