@@ -19,7 +19,9 @@ def test_quick_sd256_benchmark_prints_the_table():
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
     assert "setup sd256 (quick)" in out and "ImageFolderDataModule 64 px" in out and "FrozenTextEncoder" in out
-    rows = dict(re.findall(r"^(on the fly|cache \(build\)|cache \(hit\))\s+(\d+)\s", out, flags=re.M))
-    assert rows == {"on the fly": "4", "cache (build)": "4", "cache (hit)": "4"}  # 8 images, batch 2
-    ratio = re.search(r"speed-up from precomputed latents: ([0-9.]+)x \(target >= 2x: (met|not met)\)", out)
-    assert ratio and float(ratio.group(1)) > 0
+    rows = dict(re.findall(r"^(on the fly|cache \(build\)|cache \(hit\)|shards \(read\))\s+(\d+)\s", out, flags=re.M))
+    # 8 images, batch 2 (the shards hold the held-out image too: a last batch of 1)
+    assert rows == {"on the fly": "4", "cache (build)": "4", "cache (hit)": "4", "shards (read)": "5"}
+    for name in ("cache \\(hit\\)", "shards \\(read\\)"):
+        ratio = re.search(name + r" vs on the fly: ([0-9.]+)x \(target >= 2x: (met|not met)\)", out)
+        assert ratio and float(ratio.group(1)) > 0
