@@ -159,3 +159,22 @@ def test_the_deprecated_unet_key_still_builds_the_backbone(compose_cfg, tmp_path
         apply_deprecated_keys(cfg)
     model = instantiate(cfg.stage.module.model)
     assert model.backbone.model_channels == 64 and model.backbone.context_dim == 256
+
+
+def test_a_run_config_from_before_the_model_layer_is_read_in_todays_layout():
+    from ldm.io.load import upgrade_run_config
+
+    old = OmegaConf.create({"stage": {"name": "ldm", "module": {
+        "_target_": "ldm.lit.latent_diffusion.LatentDiffusionModule",
+        "unet": {"_target_": "ldm.nets.unet.UNetModel", "in_channels": 3},
+        "conditioner": {"_target_": "ldm.nets.conditioners.Conditioner", "embedders": []},
+        "first_stage": {"_target_": "ldm.lit.first_stage.FirstStage.from_export", "path": "x"},
+        "objective": {"_target_": "ldm.diffusion.objective.DiffusionObjective"},
+        "lr": 1e-3}}})
+    module = upgrade_run_config(old).stage.module
+    assert set(module) == {"_target_", "model", "lr"}
+    assert module.model._target_ == "ldm.model.LatentDiffusion" and module.model.backbone.in_channels == 3
+    assert module.model.first_stage._target_ == "ldm.io.first_stage.from_export"
+    assert module.model.conditioner.embedders == [] and module.model.objective._target_.endswith("DiffusionObjective")
+    today = OmegaConf.create({"stage": {"name": "ldm", "module": {"model": {"backbone": {}}}}})
+    assert upgrade_run_config(today) == today  # nothing to do
