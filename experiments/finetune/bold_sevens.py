@@ -31,8 +31,8 @@ SEVEN = 7
 def training_digits(image_size: int = 32) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(uint8 images (N, 32, 32), labels, training-split indices) exactly as MNIST5kDataModule prepares them."""
     from ldm.data.base import stratified_split
-    from ldm.data.tensor_images import fit_uint8_images
     from ldm.data.mnist5k import load_mnist5k_arrays
+    from ldm.data.tensor_images import fit_uint8_images
 
     images, labels = load_mnist5k_arrays()
     train_idx, _ = stratified_split(labels, 0.1, 0)  # conf/data/mnist5k.yaml: val_fraction 0.1, seed 0

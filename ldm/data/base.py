@@ -65,7 +65,7 @@ def collate_values(values: Sequence[Any]) -> Any:
         return torch.tensor([int(v) for v in values], dtype=torch.long)
     if isinstance(first, (float, np.floating)):
         return torch.tensor([float(v) for v in values], dtype=torch.float32)
-    return [str(v) if isinstance(v, str) else v for v in values]
+    return list(values)
 
 
 def collate_examples(examples: Sequence[dict[str, Any]], keys: Sequence[str] | None = None) -> dict[str, Any]:

@@ -75,13 +75,13 @@ class LatentDiffusion(nn.Module):
         their source (an export, pretrained weights) on load. ``ema_prefix``: also the EMA copy's names of the
         frozen backbone weights, which an EMA of a partly frozen backbone shares instead of copying."""
         trainable = {f"conditioner.{n}" for n, p in self.conditioner.named_parameters() if p.requires_grad}
-        frozen_backbone = {n for n, p in self.backbone.named_parameters() if not p.requires_grad}
+        frozen_backbone = {f"backbone.{n}" for n, p in self.backbone.named_parameters() if not p.requires_grad}
         state = self.state_dict()
         frozen = {prefix + k: v for k, v in state.items()
-                  if k.startswith("first_stage.") or (k.startswith("conditioner.") and k not in trainable)
-                  or k.removeprefix("backbone.") in frozen_backbone and k.startswith("backbone.")}
+                  if k.startswith("first_stage.") or k in frozen_backbone
+                  or (k.startswith("conditioner.") and k not in trainable)}
         if ema_prefix is not None:
-            frozen.update({ema_prefix + n: state[f"backbone.{n}"] for n in frozen_backbone})
+            frozen.update({ema_prefix + k.removeprefix("backbone."): state[k] for k in frozen_backbone})
         return frozen
 
     @property

@@ -102,6 +102,12 @@ def test_caption_embeddings_reproduce_the_frozen_text_encoder(images, export, co
     # the embedder itself takes the precomputed tokens when the batch carries them (the encoder does not run)
     through = encoder({"caption": batch["caption"], "caption_embedding": batch["caption_embedding"]}, drop=drop)
     torch.testing.assert_close(through, got, rtol=0, atol=0)
+    # the encoder ran once, for "" (kept for later batches), and never on the batch's captions
+    runs = []
+    original = encoder._run_encoder
+    encoder._run_encoder = lambda captions: runs.append(list(captions)) or original(captions)
+    encoder({"caption": batch["caption"], "caption_embedding": batch["caption_embedding"]}, drop=drop)
+    assert runs == []
     meta = result["encode"]
     assert check_encoded(meta, from_export(str(export)), conditioner, 32, "L", False, False, "x")
     encoder.max_length = 16

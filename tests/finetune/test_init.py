@@ -78,7 +78,7 @@ def test_ldm_train_starts_from_each_format_and_reports_every_tensor(tiny, compos
     from ldm.io.load import load_ldm_export
 
     sampler, _ = load_ldm_export(tmp_path / "export")  # the export is an ordinary one
-    assert sampler.conditioner.context_dim == 64
+    assert sampler.conditioner.spec.context_dim == 64
 
 
 def test_init_errors_name_the_fix(tiny, compose_cfg, tmp_path):

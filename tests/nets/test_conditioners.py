@@ -290,7 +290,7 @@ def test_conditioner_gathers_context_y_and_concat():
         ConcatConditioner("lowres", channels=3, drop_rate=0.0),
         ConcatConditioner("mask", channels=1, drop_rate=0.0),
     ])
-    assert (cond.context_dim, cond.concat_channels, cond.num_classes, cond.unet_num_classes) == (8, 4, 5, 6)
+    assert (cond.spec.context_dim, cond.spec.concat_channels, cond.num_classes, cond.spec.num_classes) == (8, 4, 5, 6)
     assert cond.input_keys == ("label", "label", "lowres", "mask")
     batch = {"label": torch.tensor([1, 4]), "lowres": torch.randn(2, 3, 4, 4), "mask": torch.ones(2, 1, 4, 4)}
     out = cond(batch)
@@ -318,7 +318,7 @@ def test_empty_conditioner_and_inconsistent_embedders():
     empty = Conditioner([])
     assert empty({"image": torch.zeros(2)}) == {"context": None, "y": None, "concat": None}
     assert empty.unconditional(3) == {"context": None, "y": None, "concat": None}
-    assert (empty.context_dim, empty.concat_channels, empty.num_classes) == (None, 0, None)
+    assert (empty.spec.context_dim, empty.spec.concat_channels, empty.num_classes) == (None, 0, None)
     with pytest.raises(ValueError, match="different widths"):
         Conditioner([ClassEmbedder(3, 8), ClassEmbedder(3, 16)])
     with pytest.raises(ValueError, match="At most one"):

@@ -138,7 +138,7 @@ def test_conditioner_contract_matches_unet_conventions():
     check_backbone(_tiny(context_dim=16), tokens.spec, latent_channels=4)
     labels.eval()
     y = labels.unconditional(2)["y"]  # the null id the DiT must be able to embed
-    model = _tiny(num_classes=labels.unet_num_classes)
+    model = _tiny(num_classes=labels.spec.num_classes)
     assert model(*_inputs(), y=y).shape == (2, 4, 8, 8)
 
 

@@ -73,19 +73,6 @@ class Conditioner(nn.Module):
             concat_channels=sum(e.channels for e in by_kind["concat"]),
         )
 
-    # The spec's parts, as the conditioner's own attributes (configs and tests read them).
-    @property
-    def context_dim(self) -> int | None:
-        return self.spec.context_dim
-
-    @property
-    def concat_channels(self) -> int:
-        return self.spec.concat_channels
-
-    @property
-    def unet_num_classes(self) -> int | None:
-        return self.spec.num_classes
-
     def prepare(self, batch: dict[str, Any], first_stage: nn.Module, generator: torch.Generator | None = None):
         """Each embedder's preparation step (inpainting masks and encodes the images here)."""
         for e in self.embedders:

@@ -96,8 +96,9 @@ class FrozenTextEncoder(Embedder):
         self.embedding_cache_size = embedding_cache_size
         self._memo: OrderedDict[str, torch.Tensor] = OrderedDict()  # caption -> (max_length, D); not state
         self._memo_context: tuple | None = None
+        self._null: tuple | None = None  # (context, tokens of "") for precomputed batches; not state
         # New weights make every cached embedding stale.
-        self.register_load_state_dict_post_hook(lambda module, _keys: module._memo.clear())
+        self.register_load_state_dict_post_hook(lambda module, _keys: module._forget())
 
     def train(self, mode: bool = True) -> FrozenTextEncoder:
         # A frozen encoder stays in eval mode (no dropout) even while the diffusion model trains;
@@ -117,7 +118,7 @@ class FrozenTextEncoder(Embedder):
             drop = torch.full((len(embeddings),), self.guided, dtype=torch.bool)
         elif drop is None:
             drop = self.drop_mask(len(embeddings), generator)
-        return precomputed_context(embeddings, drop, self._embed([""]))
+        return precomputed_context(embeddings, drop, self._null_tokens())
 
     def encode(self, captions: Sequence[str], drop: torch.Tensor) -> torch.Tensor:
         if isinstance(captions, str) or not all(isinstance(c, str) for c in captions):
@@ -128,12 +129,27 @@ class FrozenTextEncoder(Embedder):
     def unconditional(self, batch_size: int, device: torch.device | str | None = None) -> torch.Tensor:
         return self._embed([""] * batch_size)
 
+    def _forget(self) -> None:
+        self._memo.clear()
+        self._null = None
+
+    def _encode_context(self) -> tuple:
+        # Embeddings made on another device or under another autocast dtype are not reused.
+        device = next(self.transformer.parameters()).device
+        return device, torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+
+    def _null_tokens(self) -> torch.Tensor:
+        """(1, L, D) tokens of "", encoded once per device and autocast dtype (the encoder is frozen), so a batch
+        of precomputed caption tokens never runs the encoder, whatever embedding_cache_size says."""
+        context = self._encode_context()
+        if self._null is None or self._null[0] != context:
+            self._null = (context, self._run_encoder([""]))
+        return self._null[1]
+
     def _embed(self, captions: list[str]) -> torch.Tensor:
         if not self.embedding_cache_size:
             return self._run_encoder(captions)
-        device = next(self.transformer.parameters()).device
-        # Embeddings made on another device or under another autocast dtype are not reused.
-        context = (device, torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None)
+        context = self._encode_context()
         if context != self._memo_context:
             self._memo.clear()
             self._memo_context = context
