@@ -101,7 +101,12 @@ def test_caption_embeddings_reproduce_the_frozen_text_encoder(images, export, co
     torch.testing.assert_close(got, expected, rtol=2e-3, atol=2e-3)  # float16 storage
     # the embedder itself takes the precomputed tokens when the batch carries them (the encoder does not run)
     through = encoder({"caption": batch["caption"], "caption_embedding": batch["caption_embedding"]}, drop=drop)
-    torch.testing.assert_close(through, got, rtol=0, atol=0)
+    # Exact against the tokens of "" the embedder kept (the same tensor, by construction); the text encoder
+    # run on "" in another call agrees to fp32 rounding only: BLAS kernels may differ between two calls.
+    kept_null = encoder._null_tokens()
+    torch.testing.assert_close(through, precomputed_context(batch["caption_embedding"], drop, kept_null),
+                               rtol=0, atol=0)
+    torch.testing.assert_close(through, got, rtol=1e-5, atol=1e-5)
     # the encoder ran once, for "" (kept for later batches), and never on the batch's captions
     runs = []
     original = encoder._run_encoder

