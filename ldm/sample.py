@@ -125,10 +125,9 @@ def inpaint_model_condition(cfg: DictConfig, sampler: LatentDiffusion, image_siz
 def sampling_guidance(cfg: DictConfig, model: LatentDiffusion, model_path: Path) -> tuple[Any, dict[str, Any]]:
     """(the resolved ``guidance`` group, its manifest record); autoguidance's guide is loaded and checked here,
     before any sample is drawn."""
-    from ldm.io.guide import resolve_guidance
-    from ldm.model.guidance import as_guidance_config
+    from ldm.io.guide import guidance_config, resolve_guidance
 
-    config = as_guidance_config(cfg.get("guidance"))
+    config = guidance_config(cfg.get("guidance"))
     return resolve_guidance(config, model, str(model_path)), config.describe()
 
 

@@ -221,3 +221,52 @@ def test_previews_final_samples_and_sample_metrics_pass_the_guidance_through(mon
     callback.compute(SimpleNamespace(global_step=1, datamodule=None),
                      SimpleNamespace(image_size=8, sampler=lambda: recorder, model=recorder))
     assert [g.interval.high for g in recorder.guidances] == [450.0]
+
+
+# --- end to end: a run keeps its own guide; ldm-sample guides with it ---------------------------------
+def test_ldm_sample_refuses_an_incompatible_guide_in_one_line_naming_both(monkeypatch, tmp_path):
+    import ldm.io.load
+    from ldm.sample import run
+
+    models = {"runs/main/export": toy_model(), "runs/uncond/export": toy_model(num_classes=0)}
+    info = {"config": {"sampler": {"name": "ddim", "steps": 2}, "data": {"image_size": SIZE}}}
+    monkeypatch.setattr(ldm.io.load, "load_ldm", lambda path, *a, **k: (models[str(path)], info))
+    common = ["model_path=runs/main/export", f"out_dir={tmp_path}", "labels=[1]", "n=1", "guidance=autoguidance"]
+    with pytest.raises(ConfigError) as err:
+        run(_compose("sample", [*common, "guidance.guide=runs/uncond/export"]))
+    message = str(err.value)
+    assert "\n" not in message and "runs/main/export" in message and "runs/uncond/export" in message
+    with pytest.raises(ConfigError, match="needs guidance.guide"):
+        run(_compose("sample", common))  # the group's `guide: ???` left unset
+
+
+@pytest.mark.slow
+def test_a_run_keeps_its_early_ema_as_a_guide_and_ldm_sample_guides_with_it(tmp_path):
+    from tests.conftest import compose_train
+
+    from ldm.io.export import read_export
+    from ldm.sample import run
+    from ldm.train import train
+
+    train(compose_train(["stage=vae", "debug=fast", "logger=csv", "data.batch_size=16"], tmp_path / "vae"))
+    # Previews every 2 steps and final samples within a band, and the EMA of step 2 kept as a guide.
+    results = train(compose_train([
+        "stage=ldm", f"first_stage.path={tmp_path / 'vae' / 'export'}", "debug=fast", "logger=csv",
+        "data.batch_size=16", "model/ldm=unet_tiny", "stage.final_samples.judge=null",
+        "stage.final_samples.per_class=1", "sampler.steps=3", "stage.keep_guide_at_step=2", *BAND,
+        "stage.module.preview.every_n_steps=2"], tmp_path / "main"))
+    export = tmp_path / "main" / "export"
+    _, _, meta = read_export(export / "guide", kind="ldm")
+    assert meta["global_step"] == 2
+    main_tensors, _, _ = read_export(export, kind="ldm")
+    guide_tensors, _, _ = read_export(export / "guide", kind="ldm")
+    assert main_tensors.keys() == guide_tensors.keys()
+    assert not all(torch.equal(main_tensors[k], guide_tensors[k]) for k in main_tensors)  # two steps later
+    manifest = json.loads((Path(results["samples"]).parent / "manifest.json").read_text())
+    assert manifest["guidance"]["interval"] == {"low": 0.0, "high": 450.0, "unit": "t"}
+
+    out = tmp_path / "samples"
+    run(_compose("sample", [f"model_path={export}", "labels=[3]", "n=2", "save_pngs=false", "sampler=ddim",
+                            "sampler.steps=3", "guidance=autoguidance", f"guidance.guide={export / 'guide'}",
+                            f"out_dir={out}"]))
+    assert json.loads((out / "manifest.json").read_text())["guidance"]["guide"] == str(export / "guide")

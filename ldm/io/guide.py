@@ -8,7 +8,14 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ldm.model.guidance import Guidance, as_guidance_config, check_guide
+from ldm.model.guidance import Guidance, GuidanceConfig, as_guidance_config, check_guide
+
+
+def guidance_config(value: Any) -> GuidanceConfig:
+    """A GuidanceConfig from the ``guidance`` node of a config (or one already built, or None = plain CFG)."""
+    if isinstance(value, DictConfig):  # a `???` guide stays visible as such, for GuidanceConfig's own error
+        value = OmegaConf.to_container(value, resolve=True, throw_on_missing=False)
+    return as_guidance_config(value)
 
 
 def resolve_guidance(config: Any, model: Any, model_name: str, device: str | torch.device | None = None) -> Guidance:
@@ -16,9 +23,7 @@ def resolve_guidance(config: Any, model: Any, model_name: str, device: str | tor
     or None = plain classifier-free guidance). ``model_name`` names the model in a mismatch error."""
     from ldm.io.load import load_ldm
 
-    if isinstance(config, DictConfig):  # a `???` guide stays visible as such, for GuidanceConfig's own error
-        config = OmegaConf.to_container(config, resolve=True, throw_on_missing=False)
-    config = as_guidance_config(config)
+    config = guidance_config(config)
     guide = None
     if config.method == "autoguidance":
         guide, _ = load_ldm(str(config.guide), device if device is not None else model.device, config.guide_use_ema)

@@ -68,14 +68,9 @@ def write_final_samples(module: Any, datamodule: Any, out_dir: str | Path, cfg: 
 
 
 def _guidance_record(cfg: Any) -> dict[str, Any]:
-    from omegaconf import DictConfig, OmegaConf
+    from ldm.io.guide import guidance_config
 
-    from ldm.model.guidance import as_guidance_config
-
-    node = cfg.get("guidance")
-    if isinstance(node, DictConfig):
-        node = OmegaConf.to_container(node, resolve=True)
-    return as_guidance_config(node).describe()
+    return guidance_config(cfg.get("guidance")).describe()
 
 
 def _save_and_judge(images: torch.Tensor, conditions: dict[str, Any], num_classes: int, out_dir: Path, cfg: Any,
