@@ -293,8 +293,9 @@ def write_report(root: Path | str, out_dir: Path | str, *, title: str, x: str | 
                  series: str | None = None, metrics: Sequence[str] | None = None,
                  lower_is_better: Collection[str] = (), logx: bool = False,
                  order: Mapping[str, Sequence[Any]] | None = None, seed_key: str = "seed", notes: str = "",
-                 jobs: Sequence[Job] | None = None) -> dict[str, Any]:
-    """Write results.md, results.json and (given ``x``) results.png; ``jobs`` skips collecting ``root``."""
+                 jobs: Sequence[Job] | None = None, frontier: Sequence[str] | None = None) -> dict[str, Any]:
+    """Write results.md, results.json and (given ``x``) results.png; ``jobs`` skips collecting ``root``.
+    ``frontier`` = (x metric, y metric): also results_frontier.png (ldm.report_frontier), one line per series."""
     out_dir = Path(out_dir)
     if (out_dir / ".hydra" / "overrides.yaml").exists():
         raise ValueError(f"{out_dir} is a job folder: the report would overwrite its results.json; use --out")
@@ -332,6 +333,13 @@ def write_report(root: Path | str, out_dir: Path | str, *, title: str, x: str | 
     if x is not None:
         png = plot(rows, x, series, metrics, out_dir / "results.png", title, logx=logx)
         parts.append("![](results.png)")
+    if frontier:
+        from ldm.report_frontier import frontier_plot
+
+        fx, fy = frontier
+        frontier_plot(rows, fx, fy, series, x, out_dir / "results_frontier.png", title,
+                      lower_x_is_better=fx in lower_is_better)
+        parts.append("![](results_frontier.png)")
     if notes:
         parts.append(notes.strip())
     md = "\n\n".join(parts) + "\n"
@@ -364,6 +372,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--metrics", help="comma-separated metrics, in column order (default: all)")
     parser.add_argument("--lower-is-better", default="", help="comma-separated metrics where lower is better")
     parser.add_argument("--logx", action="store_true", help="log-scale x axis")
+    parser.add_argument("--frontier", help="X_METRIC,Y_METRIC: also a frontier plot (e.g. fid,accuracy)")
     parser.add_argument("--seed-key", default="seed", help="param averaged over (default: seed)")
     parser.add_argument("--order", action="append", default=[], metavar="KEY=V1,V2", type=_order_arg,
                         help="explicit row order for a param's values (repeatable)")
@@ -386,7 +395,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = write_report(
             root, args.out or args.source, title=args.title or default_title, x=args.x,
             series=args.series, metrics=_csv(args.metrics) or None, lower_is_better=set(_csv(args.lower_is_better)),
-            logx=args.logx, order=order, seed_key=args.seed_key, jobs=jobs,
+            logx=args.logx, order=order, seed_key=args.seed_key, jobs=jobs, frontier=_csv(args.frontier) or None,
         )
     except (ValueError, OSError) as e:  # bad input: one readable line, not a traceback
         print(f"ldm-report: error: {' '.join(str(e).split())}", file=sys.stderr)  # one line, even for YAML's

@@ -144,9 +144,24 @@ def test_every_guidance_option_composes_for_every_entry_point(option):
 
 
 # --- every path that samples passes the guidance through -------------------------------------------
-def _recorder():
-    from tests.lit.test_sampling import RecordingSampler
+class RecordingSampler:
+    """Stands in for a loaded model: records the guidance of every sample() call and returns grey images."""
 
+    def __init__(self):
+        self.backbone = nn.Linear(1, 1)
+        self.conditioner = Conditioner([ClassEmbedder(num_classes=3, embed_dim=4)])
+        self.device = torch.device("cpu")
+        self.guidances: list[Guidance] = []
+
+    def sample(self, conditions, image_size, *args, guidance=None, **kwargs):
+        self.guidances.append(guidance)
+        return torch.zeros(len(next(iter(conditions.values()))), 1, image_size, image_size)
+
+    def example_conditions(self, per_group, **kwargs):
+        return self.conditioner.example_conditions(per_group, **kwargs)
+
+
+def _recorder():
     return RecordingSampler()
 
 
@@ -241,16 +256,14 @@ def test_ldm_sample_refuses_an_incompatible_guide_in_one_line_naming_both(monkey
 
 
 @pytest.mark.slow
-def test_a_run_keeps_its_early_ema_as_a_guide_and_ldm_sample_guides_with_it(tmp_path):
-    from tests.conftest import compose_train
-
+def test_a_run_keeps_its_early_ema_as_a_guide_and_ldm_sample_guides_with_it(tmp_path, compose_cfg):
     from ldm.io.export import read_export
     from ldm.sample import run
     from ldm.train import train
 
-    train(compose_train(["stage=vae", "debug=fast", "logger=csv", "data.batch_size=16"], tmp_path / "vae"))
+    train(compose_cfg(["stage=vae", "debug=fast", "logger=csv", "data.batch_size=16"], tmp_path / "vae"))
     # Previews every 2 steps and final samples within a band, and the EMA of step 2 kept as a guide.
-    results = train(compose_train([
+    results = train(compose_cfg([
         "stage=ldm", f"first_stage.path={tmp_path / 'vae' / 'export'}", "debug=fast", "logger=csv",
         "data.batch_size=16", "model/ldm=unet_tiny", "stage.final_samples.judge=null",
         "stage.final_samples.per_class=1", "sampler.steps=3", "stage.keep_guide_at_step=2", *BAND,
