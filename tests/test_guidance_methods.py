@@ -255,6 +255,17 @@ def test_ldm_sample_refuses_an_incompatible_guide_in_one_line_naming_both(monkey
         run(_compose("sample", common))  # the group's `guide: ???` left unset
 
 
+def test_a_guide_step_at_or_after_the_last_step_fails_at_start():
+    from ldm.lit.guide_snapshot import GuideSnapshot
+
+    export = SimpleNamespace(folder=Path("run/export"))
+    with pytest.raises(ConfigError, match=r"keep_guide_at_step=4 is not before the run's last step \(stage.max_steps=4\)"):
+        GuideSnapshot(4, export).on_fit_start(SimpleNamespace(max_steps=4), None)
+    GuideSnapshot(3, export).on_fit_start(SimpleNamespace(max_steps=4), None)
+    with pytest.raises(ConfigError, match="positive optimizer step"):
+        GuideSnapshot(0, export)
+
+
 @pytest.mark.slow
 def test_a_run_keeps_its_early_ema_as_a_guide_and_ldm_sample_guides_with_it(tmp_path, compose_cfg):
     from ldm.io.export import read_export
@@ -281,5 +292,5 @@ def test_a_run_keeps_its_early_ema_as_a_guide_and_ldm_sample_guides_with_it(tmp_
     out = tmp_path / "samples"
     run(_compose("sample", [f"model_path={export}", "labels=[3]", "n=2", "save_pngs=false", "sampler=ddim",
                             "sampler.steps=3", "guidance=autoguidance", f"guidance.guide={export / 'guide'}",
-                            f"out_dir={out}"]))
+                            f"out_dir={out}", f"paths.output_dir={tmp_path}"]))
     assert json.loads((out / "manifest.json").read_text())["guidance"]["guide"] == str(export / "guide")
