@@ -77,14 +77,17 @@ def generate(cfg: DictConfig, out_dir: Path) -> SampleSet | None:
     if distributed.rank() == 0:
         print(f"generating {count} samples with {sampler_cfg} on {world} process(es)", flush=True)
     unet_calls = []  # one entry per backbone forward: the measured cost of a sampler, whatever its design
-    hook = sampler.backbone.register_forward_hook(lambda *_: unet_calls.append(1))
+    # Autoguidance's guide is a second network: its calls are counted too.
+    networks = [sampler.backbone] + ([guidance.guide.backbone] if guidance.guide is not None else [])
+    hooks = [net.register_forward_hook(lambda *_: unet_calls.append(1)) for net in networks]
     started = time.perf_counter()
     try:
         images = sample_sharded(sampler, conditions, image_size, int(cfg.seed), sampler=dict(sampler_cfg),
                                 guidance_scale=float(cfg.guidance_scale), batch_size=int(cfg.batch_size),
                                 guidance_rescale=float(cfg.guidance_rescale), guidance=guidance)
     finally:
-        hook.remove()
+        for hook in hooks:
+            hook.remove()
     seconds = time.perf_counter() - started
     if distributed.rank() != 0:
         return None
