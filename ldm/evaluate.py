@@ -55,11 +55,12 @@ def generate(cfg: DictConfig, out_dir: Path) -> SampleSet | None:
     from ldm.io.load import load_ldm
     from ldm.io.samples import save_samples_npz, write_manifest
     from ldm.model import sample_sharded
-    from ldm.sample import build_conditions, file_hash
+    from ldm.sample import build_conditions, file_hash, sampling_guidance
 
     sampler, info = load_ldm(Path(str(cfg.model_path)), distributed.local_device(), bool(cfg.use_ema))
     sampler_cfg = OmegaConf.to_container(cfg.sampler) if cfg.get("sampler") else dict(info["config"]["sampler"])
     image_size = int(cfg.image_size or info["config"]["data"]["image_size"])
+    guidance, guidance_record = sampling_guidance(cfg, sampler, Path(str(cfg.model_path)))
     conditioner = sampler.conditioner
     if conditioner.takes_prompts and cfg.prompts is None and cfg.prompts_file is None and str(cfg.reference) == "mnist5k":
         from ldm.data.captions import held_out_prompt
@@ -76,14 +77,17 @@ def generate(cfg: DictConfig, out_dir: Path) -> SampleSet | None:
     if distributed.rank() == 0:
         print(f"generating {count} samples with {sampler_cfg} on {world} process(es)", flush=True)
     unet_calls = []  # one entry per backbone forward: the measured cost of a sampler, whatever its design
-    hook = sampler.backbone.register_forward_hook(lambda *_: unet_calls.append(1))
+    # Autoguidance's guide is a second network: its calls are counted too.
+    networks = [sampler.backbone] + ([guidance.guide.backbone] if guidance.guide is not None else [])
+    hooks = [net.register_forward_hook(lambda *_: unet_calls.append(1)) for net in networks]
     started = time.perf_counter()
     try:
         images = sample_sharded(sampler, conditions, image_size, int(cfg.seed), sampler=dict(sampler_cfg),
                                 guidance_scale=float(cfg.guidance_scale), batch_size=int(cfg.batch_size),
-                                guidance_rescale=float(cfg.guidance_rescale))
+                                guidance_rescale=float(cfg.guidance_rescale), guidance=guidance)
     finally:
-        hook.remove()
+        for hook in hooks:
+            hook.remove()
     seconds = time.perf_counter() - started
     if distributed.rank() != 0:
         return None
@@ -95,6 +99,7 @@ def generate(cfg: DictConfig, out_dir: Path) -> SampleSet | None:
     write_manifest(out_dir / "manifest.json", {
         "command": OmegaConf.to_container(cfg, resolve=True), "sampler": sampler_cfg, "seed": int(cfg.seed),
         "guidance_scale": float(cfg.guidance_scale), "guidance_rescale": float(cfg.guidance_rescale),
+        "guidance": guidance_record,
         "image_size": image_size, "model": str(cfg.model_path), "world_size": world,
         "model_sha256": file_hash(Path(str(cfg.model_path))), "cost": cost,
     })

@@ -122,6 +122,15 @@ def inpaint_model_condition(cfg: DictConfig, sampler: LatentDiffusion, image_siz
     return inpaint_condition(sampler.first_stage, images, holes)
 
 
+def sampling_guidance(cfg: DictConfig, model: LatentDiffusion, model_path: Path) -> tuple[Any, dict[str, Any]]:
+    """(the resolved ``guidance`` group, its manifest record); autoguidance's guide is loaded and checked here,
+    before any sample is drawn."""
+    from ldm.io.guide import guidance_config, resolve_guidance
+
+    config = guidance_config(cfg.get("guidance"))
+    return resolve_guidance(config, model, str(model_path)), config.describe()
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     from ldm.io.load import load_ldm
 
@@ -130,6 +139,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     sampler_cfg = OmegaConf.to_container(cfg.sampler) if cfg.get("sampler") else dict(info["config"]["sampler"])
     image_size = int(cfg.image_size or info["config"]["data"]["image_size"])
     conditions = build_conditions(cfg, sampler)
+    guidance, guidance_record = sampling_guidance(cfg, sampler, model_path)
     count = len(next(iter(conditions.values())))
     inpainting = [e for e in sampler.conditioner.embedders if e.needs_images]
     if inpainting:
@@ -155,7 +165,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             images = sampler.sample(
                 conditions, image_size, dict(sampler_cfg), float(scale), generator, int(cfg.batch_size),
                 progress=lambda done, total, task=task: progress.update(task, completed=done), edit=edit,
-                guidance_rescale=rescale,
+                guidance_rescale=rescale, guidance=guidance,
             )
         save_samples_npz(folder / "samples.npz", images, labels=conditions.get("label"), prompts=conditions.get("caption"))
         save_png(to_uint8_grid(images, nrow=int(cfg.n)), folder / "grid.png")
@@ -164,7 +174,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                 save_png(array if array.shape[-1] == 3 else np.repeat(array, 3, axis=-1), folder / "images" / f"{i:05d}.png")
         write_manifest(folder / "manifest.json", {
             "command": OmegaConf.to_container(cfg, resolve=True), "sampler": sampler_cfg,
-            "guidance_scale": float(scale), "guidance_rescale": rescale, "seed": int(cfg.seed), "image_size": image_size,
+            "guidance_scale": float(scale), "guidance_rescale": rescale, "guidance": guidance_record, "seed": int(cfg.seed), "image_size": image_size,
             "model": str(model_path), "model_sha256": file_hash(model_path), "count": count,
         })
         results[float(scale)] = str(folder / "samples.npz")

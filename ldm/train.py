@@ -85,6 +85,10 @@ def build_callbacks(cfg: DictConfig, out: Path) -> list[pl.Callback]:
         callbacks.append(AutoencoderExport(export_dir, OmegaConf.to_container(cfg.model.vae.autoencoder, resolve=True)))
     else:
         callbacks.append(LatentDiffusionExport(export_dir, cfg))
+        if cfg.stage.get("keep_guide_at_step") is not None:  # an autoguidance guide from this run
+            from ldm.lit.guide_snapshot import GuideSnapshot
+
+            callbacks.append(GuideSnapshot(int(cfg.stage.keep_guide_at_step), callbacks[-1]))
     return callbacks
 
 

@@ -16,7 +16,7 @@ from ldm import experiment
 from ldm.experiment import StudyError, available_studies, load_study, run_study
 
 ROOT = Path(__file__).resolve().parents[1]
-STUDIES = ["f_factor", "prediction", "min_snr", "guidance", "samplers", "cache", "recipe", "backbone"]
+STUDIES = ["f_factor", "prediction", "min_snr", "guidance", "samplers", "cache", "recipe", "backbone", "guidance_methods"]
 
 
 @pytest.fixture(scope="module")
@@ -92,6 +92,8 @@ def test_study_runs_in_smoke_mode_and_writes_its_report(smoke_env, name):
     assert study["title"] in table
     assert "|" in table and "How this table was made" in table
     assert (out / "report" / "results.png").stat().st_size > 1000
+    if specs[0].get("frontier"):  # the accuracy-vs-FID frontier of guidance_methods
+        assert (out / "report" / "results_frontier.png").stat().st_size > 1000
     assert result["timings"]
     if len(study["phases"]) > 1:  # rerun reusing every finished phase: no job runs, the same table
         again = run_study(name, smoke=True, base=smoke_env["base"], out=out, report_dir=out / "again",

@@ -214,3 +214,13 @@ def test_collect_wandb_with_fake_api() -> None:
     assert calls[-1] == ("team/proj", {"group": "g"})
     with pytest.raises(ValueError, match="entity/project/group"):
         collect_wandb("just-one", api=FakeApi())
+
+
+def test_a_frontier_plot_draws_one_metric_against_another(sweep: Path, tmp_path: Path) -> None:
+    out = tmp_path / "frontier"
+    result = write_report(sweep, out, title="t", x="sampler.steps", series="sampler", metrics=["fid", "accuracy"],
+                          lower_is_better={"fid"}, frontier=["fid", "accuracy"])
+    assert "![](results_frontier.png)" in result["markdown"].read_text()
+    assert Image.open(out / "results_frontier.png").size[0] > 300
+    with pytest.raises(ValueError, match="no job reports both fid and kid"):
+        write_report(sweep, tmp_path / "bad", title="t", x="sampler.steps", metrics=["fid"], frontier=["fid", "kid"])

@@ -1,6 +1,6 @@
 """Diffusion math (schedules, parameterizations, losses, samplers, guidance) in plain PyTorch."""
 
-from ldm.diffusion.guidance import ClassifierFreeGuidance
+from ldm.diffusion.guidance import Autoguidance, ClassifierFreeGuidance, GuidanceInterval
 from ldm.diffusion.objective import Denoiser, DiffusionObjective, denoiser
 from ldm.diffusion.parameterization import EDMPreconditioner, Parameterization
 from ldm.diffusion.samplers import SAMPLERS, sample
@@ -8,7 +8,9 @@ from ldm.diffusion.schedules import NoiseSchedule, rescale_zero_terminal_snr, sa
 
 __all__ = [
     "SAMPLERS",
+    "Autoguidance",
     "ClassifierFreeGuidance",
+    "GuidanceInterval",
     "Denoiser",
     "DiffusionObjective",
     "EDMPreconditioner",

@@ -35,6 +35,7 @@ class PreviewConfig:
     every_n_steps: int = 1000
     guidance_scales: list[float] = field(default_factory=lambda: [1.0, 3.0])
     guidance_rescale: float = 0.0  # phi of Lin et al. 2023, eq. 15-17 (0 = off)
+    guidance: Any = None  # the method (ldm.model.guidance.GuidanceConfig; None = classifier-free guidance)
     per_class: int = 8
     prompts: list[str] = field(default_factory=list)
     sampler: dict[str, Any] | None = None
@@ -91,6 +92,7 @@ class LatentDiffusionModule(pl.LightningModule):
         self.preview = preview or PreviewConfig()
         self.image_size: int | None = None
         self._preview_step = -1
+        self._guidance = None  # the preview's resolved guidance (ldm.io.guide), at setup
         self._frozen_hash: str | None = None
         if self.speed.compile_unet:
             self.model.backbone.compile(mode=self.speed.compile_mode)
@@ -131,6 +133,11 @@ class LatentDiffusionModule(pl.LightningModule):
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if dm is not None and getattr(dm, "image_size", None):
             self.image_size = int(dm.image_size)
+        if self._guidance is None and self.preview.every_n_steps:
+            from ldm.io.guide import resolve_guidance
+
+            # At start-up, so an autoguidance guide that does not fit fails before any training.
+            self._guidance = resolve_guidance(self.preview.guidance, self.model, "of this run", device="cpu")
 
     def noise_generator(self, batch_idx: int) -> torch.Generator:
         """The generator of one training micro-batch's timesteps, noise, posterior sample, CFG drops and
@@ -195,10 +202,11 @@ class LatentDiffusionModule(pl.LightningModule):
         sampler = self.sampler()
         conditions = sampler.example_conditions(self.preview.per_class, prompts=self.preview.prompts or None)
         nrow = self.preview.per_class
+        guidance = self._guidance.to(self.device) if self._guidance is not None else None
         for scale in self.preview.guidance_scales:
             images = sample_sharded(sampler, conditions, self.image_size, self.preview.seed,
                                     sampler=self.preview.sampler, guidance_scale=scale,
-                                    guidance_rescale=self.preview.guidance_rescale)
+                                    guidance_rescale=self.preview.guidance_rescale, guidance=guidance)
             if self.trainer.is_global_zero:
                 log_image_grid(self.trainer, f"samples_cfg{scale:g}", images, nrow=nrow)
 

@@ -33,6 +33,7 @@ class SampleMetricsCallback(pl.Callback):
         per_class: samples per class (the count behind each metric is logged next to it).
         guidance_scale: classifier-free guidance scale used for the set.
         guidance_rescale: Lin et al. (2024) guidance rescale phi in [0, 1] (0 = plain CFG).
+        guidance: the method (``ldm.model.guidance.GuidanceConfig``, conf/guidance); None = plain CFG.
         sampler: sampler settings as in ``conf/sampler`` (e.g. ``{name: ddim, steps: 50}``); None = DDIM 50.
         metrics: any of ``accuracy``, ``fid``, ``kid``, ``pr`` (and ``is``/``clip_score`` where available).
         seed: seed of the sampling noise; fixed so successive measurements differ only by the model.
@@ -50,6 +51,7 @@ class SampleMetricsCallback(pl.Callback):
         per_class: int = 10,
         guidance_scale: float = 3.0,
         guidance_rescale: float = 0.0,
+        guidance: Any = None,
         sampler: dict[str, Any] | None = None,
         metrics: list[str] | tuple[str, ...] = ("accuracy", "fid", "kid"),
         seed: int = 1234,
@@ -69,6 +71,7 @@ class SampleMetricsCallback(pl.Callback):
             raise ValueError(f"unknown metrics {unknown}; choose from {list(SAMPLE_METRICS)}")
         self.every_n_steps, self.per_class, self.guidance_scale = int(every_n_steps), int(per_class), float(guidance_scale)
         self.guidance_rescale = float(guidance_rescale)
+        self.guidance_config, self._guidance = guidance, None  # resolved (the guide loaded) at setup
         self.sampler_cfg = dict(sampler) if sampler is not None else None
         self.metrics, self.seed, self.batch_size = [str(m) for m in metrics], int(seed), int(batch_size)
         self.at_train_end, self.prefix = bool(at_train_end), prefix
@@ -78,6 +81,13 @@ class SampleMetricsCallback(pl.Callback):
         self.history: list[dict[str, float]] = []
 
     # --- hooks ----------------------------------------------------------------------------------------
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # At start-up, so an autoguidance guide that does not fit fails before any training.
+        if self._guidance is None:
+            from ldm.io.guide import resolve_guidance
+
+            self._guidance = resolve_guidance(self.guidance_config, pl_module.model, "of this run", device="cpu")
+
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         # At the start of the batch after step N rather than at the end of step N: Lightning runs callback
         # hooks before the module's own on_train_batch_end, where the EMA weights take step N's update.
@@ -113,9 +123,14 @@ class SampleMetricsCallback(pl.Callback):
         conditions = self.conditions(trainer, pl_module)
         images = sample_sharded(sampler, conditions, int(pl_module.image_size), self.seed, sampler=self.sampler_cfg,
                                 guidance_scale=self.guidance_scale, guidance_rescale=self.guidance_rescale,
-                                batch_size=self.batch_size)
+                                batch_size=self.batch_size, guidance=self.guidance(pl_module).to(sampler.device))
         return distributed.on_rank_zero(lambda: self._measure_set(images, conditions, trainer.global_step),
                                         f"SampleMetricsCallback at step {trainer.global_step}")
+
+    def guidance(self, pl_module: pl.LightningModule) -> Any:
+        if self._guidance is None:  # compute() called outside a Trainer's fit
+            self.setup(None, pl_module, "fit")
+        return self._guidance
 
     def _measure_set(self, images: torch.Tensor, conditions: dict[str, Any], step: int) -> dict[str, float]:
         from ldm.metrics import to_uint8_nhwc

@@ -50,18 +50,27 @@ def write_final_samples(module: Any, datamodule: Any, out_dir: str | Path, cfg: 
     if any(e.input_key not in conditions for e in conditioner.embedders):
         return {}  # a condition no class can stand for (an inpainting mask): nothing class-wise to judge
     sampler_cfg = dict(cfg.sampler)
+    from ldm.io.guide import resolve_guidance
+
+    guidance = resolve_guidance(cfg.get("guidance"), sampler, "of this run")
     if distributed.rank() == 0:
         print(f"sampling {len(conditions['label'])} images ({sampler_cfg}, cfg scale {settings.guidance_scale}) "
               f"on {distributed.world_size()} process(es)", flush=True)
     images = sample_sharded(
         sampler, conditions, int(datamodule.image_size), int(cfg.seed), sampler=sampler_cfg,
         guidance_scale=float(settings.guidance_scale), batch_size=int(settings.batch_size),
-        guidance_rescale=float(settings.get("guidance_rescale", 0.0)),
+        guidance_rescale=float(settings.get("guidance_rescale", 0.0)), guidance=guidance,
     )
     return distributed.on_rank_zero(
         lambda: _save_and_judge(images, conditions, num_classes, Path(out_dir), cfg, ema=module.ema is not None),
         "writing and judging the final samples",
     )
+
+
+def _guidance_record(cfg: Any) -> dict[str, Any]:
+    from ldm.io.guide import guidance_config
+
+    return guidance_config(cfg.get("guidance")).describe()
 
 
 def _save_and_judge(images: torch.Tensor, conditions: dict[str, Any], num_classes: int, out_dir: Path, cfg: Any,
@@ -93,6 +102,7 @@ def _save_and_judge(images: torch.Tensor, conditions: dict[str, Any], num_classe
             # Rank r of a distributed run drew its contiguous share of the set with seed + r.
             "world_size": distributed.world_size(),
             "guidance_rescale": float(settings.get("guidance_rescale", 0.0)),
+            "guidance": _guidance_record(cfg),
             "per_class": per_class,
             "num_classes": num_classes,
             "prompts": sorted(set(conditions.get("caption") or [])),

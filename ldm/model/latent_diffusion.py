@@ -18,11 +18,12 @@ import torch
 from torch import nn
 
 from ldm.diffusion import samplers as sampler_lib
-from ldm.diffusion.guidance import ClassifierFreeGuidance
+from ldm.diffusion.guidance import Autoguidance, ClassifierFreeGuidance
 from ldm.diffusion.objective import Denoiser, DiffusionObjective
 from ldm.errors import ConfigError
 from ldm.model.edit import LatentEdit
 from ldm.model.first_stage import FirstStage
+from ldm.model.guidance import Guidance
 from ldm.model.sharded import batch_size_of, slice_conditions
 from ldm.nets.backbone import check_backbone, run_backbone
 
@@ -106,16 +107,23 @@ class LatentDiffusion(nn.Module):
 
     # --- sampling --------------------------------------------------------------------------------
     def denoiser(self, cond: Any = None, guidance_scale: float = 1.0, guidance_rescale: float = 0.0,
-                 uncond: Any = None) -> Denoiser:
-        """The sampler contract denoise(x_t, t, cond) -> x0_hat, under classifier-free guidance when
-        ``guidance_scale != 1`` (``uncond``: the unconditional condition dict)."""
+                 uncond: Any = None, guidance: Guidance | None = None, guide_cond: Any = None) -> Denoiser:
+        """The sampler contract denoise(x_t, t, cond) -> x0_hat, guided when ``guidance_scale != 1``: by the
+        unconditional branch (classifier-free guidance; ``uncond``: the unconditional condition dict), or by
+        ``guidance.guide`` (autoguidance; ``guide_cond``: the guide's own embedding of the conditions), within
+        ``guidance.interval`` if one is set. Every sampler sees the same contract, whatever the method."""
         denoise = self.objective.denoiser(lambda x, t, c: run_backbone(self.backbone, x, t, c))
         if guidance_scale == 1.0:
             return denoise
+        guidance = guidance or Guidance()
+        schedule = self.objective.schedule
+        if guidance.guide is not None:
+            return Autoguidance(denoise, guidance.guide.denoiser(), guidance_scale, guide_cond=guide_cond,
+                                rescale=guidance_rescale, schedule=schedule, interval=guidance.interval)
         if uncond is None:
             raise ValueError("guidance needs the unconditional condition (uncond=)")
         return ClassifierFreeGuidance(denoise, uncond, guidance_scale, rescale=guidance_rescale,
-                                      schedule=self.objective.schedule)
+                                      schedule=schedule, interval=guidance.interval)
 
     @contextlib.contextmanager
     def inference(self) -> Iterator[None]:
@@ -134,6 +142,12 @@ class LatentDiffusion(nn.Module):
         """See ``Conditioner.example_conditions``."""
         return self.conditioner.example_conditions(per_group, **kwargs)
 
+    def embed(self, chunk: dict[str, Any], batch_size: int, spatial_size: tuple[int, ...]) -> dict[str, Any]:
+        """The conditioner's outputs for a chunk of sampling inputs (unconditional when it holds none)."""
+        if chunk:
+            return self.conditioner(chunk, allow_missing=True, spatial_size=spatial_size)
+        return self.conditioner.unconditional(batch_size, device=self.device, spatial_size=spatial_size)
+
     def latent_shape(self, image_size: int) -> tuple[int, int, int]:
         f = self.first_stage.downsample_factor
         if image_size % f:
@@ -151,6 +165,7 @@ class LatentDiffusion(nn.Module):
         progress: Callable[[int, int], None] | None = None,
         edit: LatentEdit | None = None,
         guidance_rescale: float = 0.0,
+        guidance: Guidance | None = None,
     ) -> torch.Tensor:
         """Images (N, C, H, W) in [-1, 1]; same generator seed -> same images.
 
@@ -158,32 +173,37 @@ class LatentDiffusion(nn.Module):
         absent runs unconditionally, and ``{"n": [None] * N}`` alone samples N unconditional images.
         ``edit`` starts from given latents (SDEdit) and/or keeps a masked region of them (inpainting).
         ``guidance_rescale`` is phi of Lin et al. 2023 (eq. 15-17; 0 = off, they use 0.7).
-        Guidance is skipped when the model has no guided condition (unconditional, or concat only): both
-        branches would be the same network call.
+        ``guidance``: the method beyond the scale (``ldm.model.guidance``): a band of noise levels, or autoguidance
+        by a guide model (which then embeds the same conditions with its own conditioner).
+        Classifier-free guidance is skipped when the model has no guided condition (unconditional, or concat
+        only): both branches would be the same network call. Autoguidance needs none.
         """
         sampler = dict(sampler or {"name": "ddim", "steps": 50})
         name = sampler.pop("name")
         n = batch_size_of(conditions)
         shape = self.latent_shape(image_size)
         given = any(key != "n" for key in conditions)  # {"n": ...} alone: no inputs, already unconditional
-        guide = guidance_scale != 1.0 and self.conditioner.guided and given
+        guide_model = guidance.guide if guidance is not None else None
+        guide = guidance_scale != 1.0 and (guide_model is not None or (self.conditioner.guided and given))
         if guidance_scale != 1.0 and not guide:
             log.info("guidance_scale=%g skipped: no guided condition is given, so the unconditional prediction "
                      "is the conditional one (one network call per step)", guidance_scale)
         device, out = self.device, []
-        with self.inference():
+        with self.inference(), (guide_model.inference() if guide_model is not None else contextlib.nullcontext()):
             for start in range(0, n, batch_size):
                 chunk = slice_conditions(conditions, start, min(n, start + batch_size))
                 m = batch_size_of(chunk)
                 chunk = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in chunk.items() if k != "n"}
-                if chunk:
-                    cond = self.conditioner(chunk, allow_missing=True, spatial_size=shape[1:])
-                else:
-                    cond = self.conditioner.unconditional(m, device=device, spatial_size=shape[1:])
-                uncond = (self.conditioner(chunk, force_unconditional=True, allow_missing=True, spatial_size=shape[1:])
-                          if guide else None)
+                cond = self.embed(chunk, m, shape[1:])
+                uncond = guide_cond = None
+                if guide and guide_model is not None:
+                    guide_cond = guide_model.embed(chunk, m, shape[1:])
+                elif guide:
+                    uncond = self.conditioner(chunk, force_unconditional=True, allow_missing=True,
+                                              spatial_size=shape[1:])
                 denoise = self.denoiser(guidance_scale=guidance_scale if guide else 1.0,
-                                        guidance_rescale=guidance_rescale, uncond=uncond)
+                                        guidance_rescale=guidance_rescale, uncond=uncond, guidance=guidance,
+                                        guide_cond=guide_cond)
                 noise = torch.randn((m, *shape), generator=generator, device=device)
                 kwargs = dict(sampler)
                 if edit is not None:

@@ -153,11 +153,13 @@ class RecordingSampler:
         self.conditioner = conditioner or Conditioner([ClassEmbedder(num_classes=3, embed_dim=4)])
         self.device = torch.device("cpu")
         self.calls: list[dict] = []
+        self.guidances: list = []  # the resolved ldm.model.guidance.Guidance of each call
 
     def sample(self, conditions, image_size, sampler=None, guidance_scale=1.0, generator=None, batch_size=256,
-               progress=None, edit=None, guidance_rescale=0.0):
+               progress=None, edit=None, guidance_rescale=0.0, guidance=None):
         n = len(next(iter(conditions.values())))
         self.calls.append({"guidance_scale": guidance_scale, "guidance_rescale": guidance_rescale})
+        self.guidances.append(guidance)
         return torch.zeros(n, 1, image_size, image_size)
 
     def example_conditions(self, per_group, **kwargs):
@@ -223,7 +225,7 @@ def test_previews_and_final_samples_pass_guidance_rescale(monkeypatch, tmp_path,
     recorder = RecordingSampler()
     monkeypatch.setattr(latent_diffusion, "log_image_grid", lambda *a, **k: None)
     module = SimpleNamespace(image_size=8, trainer=SimpleNamespace(is_global_zero=True), preview=preview,
-                             device=torch.device("cpu"), sampler=lambda: recorder)
+                             device=torch.device("cpu"), sampler=lambda: recorder, _guidance=None)
     latent_diffusion.LatentDiffusionModule.log_previews(module)
     assert [c["guidance_rescale"] for c in recorder.calls] == [0.6] * len(preview.guidance_scales)
 
