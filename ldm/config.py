@@ -209,7 +209,26 @@ def instantiate_checked(node: DictConfig, where: str, **kwargs: Any) -> Any:
     try:
         return instantiate(node, **kwargs)
     except InstantiationException as err:
+        ours = named_fix(err)
+        if ours is not None:  # a constructor's own ConfigError/ExportError already names the fix
+            raise ours from err
         raise ConfigError(f"could not build `{where}` from its config: {err}") from err
+
+
+def named_fix(err: BaseException) -> BaseException | None:
+    """The innermost ConfigError or ExportError behind ``err``: raised by a constructor or by a resolver of an
+    interpolation, it names the fix, where Hydra's and OmegaConf's wrappers add only their internals
+    ("Error in call to target ...", "full_key: ... object_type=dict")."""
+    from ldm.errors import ExportError
+
+    found, seen = None, err
+    for _ in range(16):
+        if seen is None:
+            break
+        if isinstance(seen, (ConfigError, ExportError)):
+            found = seen
+        seen = seen.__cause__ or seen.__context__
+    return found
 
 
 @contextlib.contextmanager
@@ -221,7 +240,8 @@ def user_errors_as_messages(prog: str, errors: tuple[type[BaseException], ...] =
     except errors as err:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
-        print(f"{prog}: error: {err}\n(HYDRA_FULL_ERROR=1 shows the traceback)", file=sys.stderr, flush=True)
+        message = named_fix(err) or err
+        print(f"{prog}: error: {message}\n(HYDRA_FULL_ERROR=1 shows the traceback)", file=sys.stderr, flush=True)
         sys.exit(2)
 
 

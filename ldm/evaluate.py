@@ -23,6 +23,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ldm import distributed
+from ldm.cli import run_cli
 from ldm.config import ConfigError, register_resolvers, sweep_tags, user_errors_as_messages
 from ldm.io.export import write_text_atomic
 from ldm.metrics import (
@@ -249,8 +250,12 @@ def log_to_wandb(cfg: DictConfig, report: dict[str, Any]) -> None:
     run.finish()  # each multirun job ends its own run, or the next job would log into it
 
 
+def main() -> None:
+    run_cli("ldm-evaluate", CONF_DIR, "evaluate", __doc__, hydra_main)
+
+
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="evaluate")
-def main(cfg: DictConfig) -> None:
+def hydra_main(cfg: DictConfig) -> None:
     with user_errors_as_messages("ldm-evaluate", USER_ERRORS):
         evaluate(cfg)
 

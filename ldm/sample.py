@@ -17,6 +17,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from PIL import Image
 from rich.progress import Progress
 
+from ldm.cli import run_cli
 from ldm.config import ConfigError, register_resolvers, user_errors_as_messages
 from ldm.io.images import save_png, to_uint8_grid
 from ldm.io.samples import save_samples_npz, to_uint8_nhwc, write_manifest
@@ -172,8 +173,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     return results
 
 
+def main() -> None:
+    run_cli("ldm-sample", CONF_DIR, "sample", __doc__, hydra_main)
+
+
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="sample")
-def main(cfg: DictConfig) -> None:
+def hydra_main(cfg: DictConfig) -> None:
     with user_errors_as_messages("ldm-sample", USER_ERRORS):
         run(cfg)
 

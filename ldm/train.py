@@ -31,6 +31,7 @@ from ldm.config import (
     sweep_tags,
     user_errors_as_messages,
 )
+from ldm.cli import run_cli
 from ldm.finetune.wiring import configure as configure_finetune
 from ldm.io.checkpoint_io import check_resume_checkpoint, newest_resume_checkpoint, read_checkpoint
 from ldm.io.export import write_text_atomic
@@ -42,6 +43,13 @@ log = logging.getLogger("ldm.train")
 register_resolvers()
 # An absolute path: relative ones would be resolved against the `ldm` package, where conf/ is not.
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+
+HELP = """ldm-train: train the autoencoder (stage=vae) or the latent diffusion model on its export (stage=ldm).
+
+  ldm-train stage=vae run_name=f4
+  ldm-train stage=ldm first_stage.path=outputs/vae/f4/export run_name=c1
+  ldm-train stage=ldm first_stage.path=... debug=fast           # a few steps of everything
+  ldm-train -m stage=ldm first_stage.path=... seed=0,1 run_name=s1  # a sweep; again with ckpt_path=last resumes it"""
 
 STAGES = ("vae", "ldm")
 # 128 + SIGTERM, the shell's status for a process stopped by SIGTERM: schedulers and retry loops see an
@@ -265,7 +273,7 @@ def _finish_wandb() -> None:
 
 def main() -> float | None:
     sys.argv[1:] = rename_deprecated_overrides(sys.argv[1:])
-    return hydra_main()
+    return run_cli("ldm-train", CONF_DIR, "train", HELP, hydra_main)
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
