@@ -221,9 +221,43 @@ def run_cli(prog: str, conf_dir: str, config_name: str, doc: str, hydra_main: An
         print(short_help(prog, conf_dir, config_name, doc, [a for a in argv if a not in ("--help", "-h")]))
         return None
     if os.environ.get("HYDRA_FULL_ERROR") != "1":
+        from hydra.core.global_hydra import GlobalHydra
+
         try:
             check_overrides(conf_dir, config_name, argv)
         except OverrideError as err:
             print(f"{prog}: error: {err}", file=sys.stderr, flush=True)
             sys.exit(CONFIG_ERROR_EXIT)
+        finally:
+            GlobalHydra.instance().clear()  # hydra.main initialises its own
     return hydra_main()
+
+
+def sweep_report(sweep_dir: str) -> str:
+    """What a finished sweep left: its folder, the jobs that finished or failed, and the next command."""
+    from pathlib import Path
+
+    root = Path(sweep_dir)
+    jobs = sorted(p.parent.parent for p in root.glob("*/.hydra/overrides.yaml"))
+    done = [j for j in jobs if (j / "results.json").is_file()]
+    failed = [j for j in jobs if (j / FAILED_MARKER).is_file()]
+    counts = f"{len(done)} finished" + (f", {len(failed)} failed ({', '.join(j.name for j in failed)})" if failed else "")
+    return (f"sweep: {len(jobs)} jobs in {root} ({counts})\n"
+            f"next: ldm-report {root}    # table over the jobs (mean ± std over seeds) and a plot")
+
+
+try:
+    from hydra.experimental.callback import Callback as _HydraCallback
+except ImportError:  # pragma: no cover - hydra < 1.2
+    _HydraCallback = object  # type: ignore[assignment,misc]
+
+
+class SweepSummary(_HydraCallback):
+    """Hydra callback (conf/hydra/default.yaml): prints :func:`sweep_report` when a multirun ends."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        print(sweep_report(str(config.hydra.sweep.dir)), flush=True)
+
+
+# Written into a run folder whose run stopped on an error (with the error): it is not a finished run.
+FAILED_MARKER = "FAILED"

@@ -11,6 +11,7 @@ import types
 import typing
 import warnings
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 from hydra.errors import InstantiationException
@@ -46,6 +47,19 @@ def sweep_tags(tags: Any = ()) -> list[str]:
     except ImportError:
         pass
     return list(dict.fromkeys(out))
+
+
+def sweep_group(group: Any = None) -> str | None:
+    """``group`` if set; in a Hydra multirun job, else, the sweep's name (its folder's: run_name or the start
+    time), so every job of one sweep lands in one wandb group."""
+    if group not in (None, ""):
+        return str(group)
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        return Path(str(HydraConfig.get().sweep.dir)).name
+    return None
 
 
 def flat_numbers(results: dict[str, Any]) -> dict[str, float]:
