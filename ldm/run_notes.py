@@ -126,3 +126,38 @@ def quiet_third_party() -> None:
                 if type(handler) is logging.StreamHandler:
                     logger.removeHandler(handler)
             logger.propagate = True
+
+
+def missing_samples(path: Path) -> str:
+    """samples= that does not exist, with the samples.npz files that do exist near it (a guidance-scale list
+    puts them in one subfolder per scale, the likeliest reason the named one is not there)."""
+    base = path.parent if path.suffix == ".npz" else path
+    while not base.is_dir() and base != base.parent:
+        base = base.parent
+    found = sorted(base.glob("**/samples.npz"))[:8] if base != Path("/") else []
+    listed = f"; samples.npz files under {base}: {', '.join(str(p) for p in found)}" if found else ""
+    return f"samples={path} does not exist{listed or ': give a samples.npz (ldm-sample writes one) or an image folder'}"
+
+
+def small_sample_warning(n: int, metrics: list[str], subset_size: int) -> str | None:
+    """FID and KID from fewer samples than KID's subset are biased upwards and noisy: comparable only with
+    numbers measured at the same n."""
+    if n >= subset_size or not {"fid", "kid"} & set(metrics):
+        return None
+    return (f"warning: FID/KID from n={n} samples (< kid.subset_size={subset_size}) are biased upwards and noisy: "
+            "compare them only with numbers measured at the same n (n=1000+ for a result)")
+
+
+def evaluate_next(mode: str, cfg: DictConfig, out_dir: Path) -> list[str]:
+    """Where ldm-evaluate wrote, and what to run next."""
+    lines = [f"metrics: {out_dir / 'metrics.json'}"]
+    if in_sweep():
+        return lines  # the sweep ends with its folder and the ldm-report command (ldm.cli.SweepSummary)
+    if mode == "model_path":
+        lines.append(f"next: ldm-evaluate -m model_path={shlex.quote(str(cfg.model_path))} n={cfg.n} "
+                     "guidance_scale=1.5,1.75,2,3    # a guidance sweep; ldm-report <its folder> tabulates it")
+    elif mode == "samples":
+        lines.append("next: ldm-evaluate samples=<another samples.npz> with the same n and reference, to compare")
+    else:
+        lines.append(f"next: ldm-train stage=ldm first_stage.path={shlex.quote(str(cfg.autoencoder))}")
+    return lines

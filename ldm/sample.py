@@ -31,6 +31,21 @@ CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 # (an unreadable image is PIL's UnidentifiedImageError, an OSError).
 USER_ERRORS = (ValueError, OSError)
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+# The scale an export trained before final samples recorded one (or a converted model) is sampled at: the
+# default's (conf/stage/ldm.yaml stage.final_samples.guidance_scale, chosen in experiments/recipe).
+DEFAULT_GUIDANCE_SCALE = 1.75
+
+
+def guidance_scales(value: Any, info: dict[str, Any]) -> list[float]:
+    """``guidance_scale`` as a list; null = the scale the model's own final samples used (its export's
+    ``guidance_scale``, or a run config's ``stage.final_samples.guidance_scale`` for a .ckpt), so ldm-sample,
+    ldm-evaluate and training agree by default."""
+    if value is None:
+        config = info.get("config") or {}
+        value = config.get("guidance_scale")
+        if value is None:
+            value = ((config.get("stage") or {}).get("final_samples") or {}).get("guidance_scale", DEFAULT_GUIDANCE_SCALE)
+    return [float(s) for s in (value if isinstance(value, (list, ListConfig)) else [value])]
 
 
 def file_hash(path: Path) -> str:
@@ -139,7 +154,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         edit = None
     else:
         edit = build_edit(cfg, sampler, image_size, count)
-    scales = cfg.guidance_scale if isinstance(cfg.guidance_scale, ListConfig) else [cfg.guidance_scale]
+    scales = guidance_scales(cfg.guidance_scale, info)
     for scale in scales:
         if float(scale) < 0:
             raise ConfigError(f"guidance_scale must be >= 0, got {scale}")
@@ -149,7 +164,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     out_dir = Path(cfg.out_dir)
     results = {}
     for scale in scales:
-        folder = out_dir / (f"cfg{float(scale):g}" if len(scales) > 1 else "")
+        folder = out_dir / (f"guidance_scale={float(scale):g}" if len(scales) > 1 else "")
         generator = torch.Generator(device=sampler.device).manual_seed(int(cfg.seed))
         with Progress() as progress:
             task = progress.add_task(f"sampling (cfg {float(scale):g})", total=count)
