@@ -85,6 +85,16 @@ def run_name(name: Any = None) -> str:
     return datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
 
 
+def project_root() -> str:
+    """Where outputs/, multirun/ and .cache/ldm go unless $LDM_ROOT says: the checkout this ldm runs from when
+    the current directory is inside it (a command started in experiments/guidance still writes to the
+    checkout's outputs/, as lightning-hydra-template's project root does), else the current directory."""
+    checkout = Path(__file__).resolve().parents[1]
+    cwd = Path.cwd().resolve()
+    inside = (checkout / "pyproject.toml").is_file() and (cwd == checkout or checkout in cwd.parents)
+    return str(checkout) if inside else "."
+
+
 def tasks_per_node(devices: Any) -> int:
     """SLURM tasks per node for one process per device: ``trainer.devices``, which must be a count here
     (-1 or "auto" mean "every visible GPU", which the submitting machine cannot know)."""
@@ -108,6 +118,7 @@ def register_resolvers() -> None:
         # e.g. UNet in_channels = latent channels + concat-conditioning channels.
         "ldm.add": lambda *xs: sum(int(x) for x in xs),
         "ldm.run_name": run_name,
+        "ldm.project_root": project_root,
         "ldm.tasks_per_node": tasks_per_node,
     }
     for name, fn in resolvers.items():
