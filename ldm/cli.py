@@ -55,6 +55,10 @@ def _first_values(overrides: Sequence[Any]) -> list[str]:
     return out
 
 
+def _key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
 def _keys(node: Any, prefix: str = "", depth: int = 6) -> Iterable[str]:
     if depth == 0 or not isinstance(node, DictConfig):
         return
@@ -179,10 +183,19 @@ def check_overrides(conf_dir: str, config_name: str, argv: Sequence[str]) -> Non
         culprit = next((o for o in parsed if match and o.key_or_group == match.group(1)), None)
         if culprit is None:
             raise OverrideError(" ".join(str(err).split())) from err
-        rest = [o for o in overrides if o != culprit.input_line and not o.startswith(culprit.key_or_group + "=")]
-        try:
-            cfg = hydra.compose_config(name, rest, run_mode=RunMode.RUN, validate_sweep_overrides=False)
-        except Exception:
+        # The config without the bad override (and without any other one that fails the same way) holds
+        # the keys to suggest from.
+        rest = [o for o in overrides if _key(o) != culprit.key_or_group]
+        for _ in range(len(rest) + 1):
+            try:
+                cfg = hydra.compose_config(name, rest, run_mode=RunMode.RUN, validate_sweep_overrides=False)
+                break
+            except ConfigCompositionException as again:
+                bad = re.search(r"Could not override '([^']+)'", str(again))
+                if bad is None:
+                    raise OverrideError(" ".join(str(err).split())) from err
+                rest = [o for o in rest if _key(o) != bad.group(1)]
+        else:
             raise OverrideError(" ".join(str(err).split())) from err
         raise OverrideError(_unknown_key(culprit, cfg, groups)) from err
     except Exception as err:  # an interpolation or a YAML error in a config file: still one line
