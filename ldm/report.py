@@ -148,8 +148,9 @@ def varying_params(rows: Sequence[Row]) -> list[str]:
 
 
 def constant_metrics(rows: Sequence[Row]) -> dict[str, float]:
-    """Metrics with one value in every row (``batch/world_size``): a column that compares nothing."""
-    if len(rows) < 2:
+    """Metrics with one value in every row and every seed (``batch/world_size``): a column that compares
+    nothing. A lone job has nothing to compare, so nothing of it counts as constant."""
+    if len(rows) < 2 and all(r.n < 2 for r in rows):
         return {}
     out = {}
     for m in all_metrics(rows):
