@@ -145,7 +145,8 @@ def check_overrides(conf_dir: str, config_name: str, argv: Sequence[str]) -> Non
     from hydra.types import RunMode
 
     args, _ = get_args_parser().parse_known_args(list(argv))
-    if args.help or args.hydra_help or args.shell_completion or args.info:
+    # --config-path is relative to the calling script: Hydra resolves it, and reports its own errors there.
+    if args.help or args.hydra_help or args.shell_completion or args.info or args.config_path:
         return
     try:
         parsed = OverridesParser.create().parse_overrides(args.overrides)
