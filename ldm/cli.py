@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 
 # Hydra's groups a user picks from; the rest of hydra/* is Hydra's plumbing.
 USER_HYDRA_GROUPS = ("hydra/launcher",)
-# Groups that live in conf/ for another entry point (ldm-prepare's `source`) are not this app's.
+# Every config error exits with this status, as argparse's do (and ldm.config.user_errors_as_messages).
 CONFIG_ERROR_EXIT = 2
 
 
@@ -130,9 +130,13 @@ def _missing_option(err: Any, group_override: Any, loader: Any) -> str:
     if not options:
         options = loader.get_group_options(group)
     wanted = missing.rsplit("/", 1)[-1] if missing else group_override.get_value_element_as_str()
-    near = _nearest(wanted, options)
+    return _no_option(group, wanted, options)
+
+
+def _no_option(group: str, value: str, options: Sequence[str]) -> str:
+    near = _nearest(value, options)
     hint = f" Did you mean {group}={near}?" if near else ""
-    return f"{group}={wanted}: no option {wanted!r} in {group}.{hint} Options: {', '.join(sorted(options))}"
+    return f"{group}={value}: no option {value!r} in {group}.{hint} Options: {', '.join(sorted(options))}"
 
 
 def check_overrides(conf_dir: str, config_name: str, argv: Sequence[str]) -> None:
@@ -167,10 +171,7 @@ def check_overrides(conf_dir: str, config_name: str, argv: Sequence[str]) -> Non
             options = loader.get_group_options(key)
             for value in o.sweep_string_iterator():
                 if value not in options:
-                    near = _nearest(value, options)
-                    hint = f" Did you mean {key}={near}?" if near else ""
-                    raise OverrideError(f"{key}={value}: no option {value!r} in {key}.{hint} "
-                                        f"Options: {', '.join(sorted(options))}")
+                    raise OverrideError(_no_option(key, value, options))
     overrides = _first_values(parsed)
     try:
         hydra.compose_config(name, overrides, run_mode=RunMode.RUN, validate_sweep_overrides=False)
