@@ -11,6 +11,7 @@ import types
 import typing
 import warnings
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 from hydra.errors import InstantiationException
@@ -48,6 +49,19 @@ def sweep_tags(tags: Any = ()) -> list[str]:
     return list(dict.fromkeys(out))
 
 
+def sweep_group(group: Any = None) -> str | None:
+    """``group`` if set; in a Hydra multirun job, else, the sweep's name (its folder's: run_name or the start
+    time), so every job of one sweep lands in one wandb group."""
+    if group not in (None, ""):
+        return str(group)
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        return Path(str(HydraConfig.get().sweep.dir)).name
+    return None
+
+
 def flat_numbers(results: dict[str, Any]) -> dict[str, float]:
     """The numeric entries of a results dict: what ``results.json`` holds for ldm-report."""
     return {k: float(v) for k, v in results.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
@@ -69,6 +83,16 @@ def run_name(name: Any = None) -> str:
     if rdzv not in ("", "none"):
         return f"torchrun-{rdzv}"
     return datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+
+
+def project_root() -> str:
+    """Where outputs/, multirun/ and .cache/ldm go unless $LDM_ROOT says: the checkout this ldm runs from when
+    the current directory is inside it (a command started in experiments/guidance still writes to the
+    checkout's outputs/, as lightning-hydra-template's project root does), else the current directory."""
+    checkout = Path(__file__).resolve().parents[1]
+    cwd = Path.cwd().resolve()
+    inside = (checkout / "pyproject.toml").is_file() and (cwd == checkout or checkout in cwd.parents)
+    return str(checkout) if inside else "."
 
 
 def tasks_per_node(devices: Any) -> int:
@@ -94,6 +118,7 @@ def register_resolvers() -> None:
         # e.g. UNet in_channels = latent channels + concat-conditioning channels.
         "ldm.add": lambda *xs: sum(int(x) for x in xs),
         "ldm.run_name": run_name,
+        "ldm.project_root": project_root,
         "ldm.tasks_per_node": tasks_per_node,
     }
     for name, fn in resolvers.items():
@@ -209,7 +234,26 @@ def instantiate_checked(node: DictConfig, where: str, **kwargs: Any) -> Any:
     try:
         return instantiate(node, **kwargs)
     except InstantiationException as err:
+        ours = named_fix(err)
+        if ours is not None:  # a constructor's own ConfigError/ExportError already names the fix
+            raise ours from err
         raise ConfigError(f"could not build `{where}` from its config: {err}") from err
+
+
+def named_fix(err: BaseException) -> BaseException | None:
+    """The innermost ConfigError or ExportError behind ``err``: raised by a constructor or by a resolver of an
+    interpolation, it names the fix, where Hydra's and OmegaConf's wrappers add only their internals
+    ("Error in call to target ...", "full_key: ... object_type=dict")."""
+    from ldm.errors import ExportError
+
+    found, seen = None, err
+    for _ in range(16):
+        if seen is None:
+            break
+        if isinstance(seen, (ConfigError, ExportError)):
+            found = seen
+        seen = seen.__cause__ or seen.__context__
+    return found
 
 
 @contextlib.contextmanager
@@ -221,7 +265,8 @@ def user_errors_as_messages(prog: str, errors: tuple[type[BaseException], ...] =
     except errors as err:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
-        print(f"{prog}: error: {err}\n(HYDRA_FULL_ERROR=1 shows the traceback)", file=sys.stderr, flush=True)
+        message = named_fix(err) or err
+        print(f"{prog}: error: {message}\n(HYDRA_FULL_ERROR=1 shows the traceback)", file=sys.stderr, flush=True)
         sys.exit(2)
 
 

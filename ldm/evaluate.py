@@ -1,7 +1,7 @@
 """``ldm-evaluate``: sample-quality metrics of a sample set, a model, or an autoencoder (conf/evaluate.yaml).
 
     ldm-evaluate samples=outputs/samples/<run>/samples.npz          # FID, KID, P/R, accuracy vs MNIST-5k
-    ldm-evaluate model_path=outputs/ldm/<run>/export n=100 guidance_scale=3
+    ldm-evaluate model_path=outputs/ldm/<run>/export n=100     # at the model's own guidance scale (1.75)
     ldm-evaluate autoencoder=outputs/vae/<run>/export               # PSNR, SSIM, LPIPS, rFID
 
 Every metric is reported with the number of samples (and reference samples) behind it and the feature
@@ -22,8 +22,9 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ldm import distributed
-from ldm.config import ConfigError, register_resolvers, sweep_tags, user_errors_as_messages
+from ldm import distributed, run_notes
+from ldm.cli import run_cli
+from ldm.config import ConfigError, register_resolvers, sweep_group, sweep_tags, user_errors_as_messages
 from ldm.io.export import write_text_atomic
 from ldm.metrics import (
     to_uint8_nhwc,
@@ -55,12 +56,13 @@ def generate(cfg: DictConfig, out_dir: Path) -> SampleSet | None:
     from ldm.io.load import load_ldm
     from ldm.io.samples import save_samples_npz, write_manifest
     from ldm.model import sample_sharded
-    from ldm.sample import build_conditions, file_hash, sampling_guidance
+    from ldm.sample import build_conditions, file_hash, guidance_scales, sampling_guidance
 
     sampler, info = load_ldm(Path(str(cfg.model_path)), distributed.local_device(), bool(cfg.use_ema))
     sampler_cfg = OmegaConf.to_container(cfg.sampler) if cfg.get("sampler") else dict(info["config"]["sampler"])
     image_size = int(cfg.image_size or info["config"]["data"]["image_size"])
     guidance, guidance_record = sampling_guidance(cfg, sampler, Path(str(cfg.model_path)))
+    scale = guidance_scales(cfg.guidance_scale, info)[0]
     conditioner = sampler.conditioner
     if conditioner.takes_prompts and cfg.prompts is None and cfg.prompts_file is None and str(cfg.reference) == "mnist5k":
         from ldm.data.captions import held_out_prompt
@@ -83,7 +85,7 @@ def generate(cfg: DictConfig, out_dir: Path) -> SampleSet | None:
     started = time.perf_counter()
     try:
         images = sample_sharded(sampler, conditions, image_size, int(cfg.seed), sampler=dict(sampler_cfg),
-                                guidance_scale=float(cfg.guidance_scale), batch_size=int(cfg.batch_size),
+                                guidance_scale=scale, batch_size=int(cfg.batch_size),
                                 guidance_rescale=float(cfg.guidance_rescale), guidance=guidance)
     finally:
         for hook in hooks:
@@ -98,7 +100,7 @@ def generate(cfg: DictConfig, out_dir: Path) -> SampleSet | None:
     npz = save_samples_npz(out_dir / "samples.npz", images, labels=labels, prompts=prompts)
     write_manifest(out_dir / "manifest.json", {
         "command": OmegaConf.to_container(cfg, resolve=True), "sampler": sampler_cfg, "seed": int(cfg.seed),
-        "guidance_scale": float(cfg.guidance_scale), "guidance_rescale": float(cfg.guidance_rescale),
+        "guidance_scale": scale, "guidance_rescale": float(cfg.guidance_rescale),
         "guidance": guidance_record,
         "image_size": image_size, "model": str(cfg.model_path), "world_size": world,
         "model_sha256": file_hash(Path(str(cfg.model_path))), "cost": cost,
@@ -114,6 +116,9 @@ def evaluate_samples(cfg: DictConfig, samples: SampleSet) -> dict[str, Any]:
         raise ConfigError(f"the samples are {resolution} px but image_size={cfg.image_size}")
     measure = SampleMetrics(cfg, resolution, channels)
     metrics, skipped = measure.run(samples, [str(m) for m in cfg.metrics])
+    warning = run_notes.small_sample_warning(len(samples.images), [str(m) for m in cfg.metrics], int(cfg.kid.subset_size))
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
     return {
         "metrics": metrics,
         "skipped": skipped,
@@ -198,6 +203,8 @@ def check_config(cfg: DictConfig) -> str:
             raise ConfigError(f"unknown {key} {unknown}; choose from {list(valid)}")
     if str(cfg.features) not in ("judge", "inception"):
         raise ConfigError(f"features must be 'judge' or 'inception', got {cfg.features!r}")
+    if modes[0] == "samples" and not Path(str(cfg.samples)).exists():
+        raise ConfigError(run_notes.missing_samples(Path(str(cfg.samples))))
     return modes[0]
 
 
@@ -231,6 +238,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     write_text_atomic(out_dir / "results.json", json.dumps(numbers, indent=2, sort_keys=True))
     log_to_wandb(cfg, report)
     print(report["summary"], flush=True)
+    print("\n".join(run_notes.evaluate_next(mode, cfg, out_dir)), flush=True)
     return report
 
 
@@ -247,15 +255,19 @@ def log_to_wandb(cfg: DictConfig, report: dict[str, Any]) -> None:
         return
     import wandb
 
-    run = wandb.init(project=str(settings.project), group=settings.get("group"), job_type="evaluate",
+    run = wandb.init(project=str(settings.project), group=sweep_group(settings.get("group")), job_type="evaluate",
                      tags=sweep_tags(settings.get("tags")), mode=str(settings.mode), dir=str(cfg.out_dir),
                      config=OmegaConf.to_container(cfg, resolve=True), reinit="finish_previous")
     run.summary.update(values)
     run.finish()  # each multirun job ends its own run, or the next job would log into it
 
 
+def main() -> None:
+    run_cli("ldm-evaluate", CONF_DIR, "evaluate", __doc__, hydra_main)
+
+
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="evaluate")
-def main(cfg: DictConfig) -> None:
+def hydra_main(cfg: DictConfig) -> None:
     with user_errors_as_messages("ldm-evaluate", USER_ERRORS):
         evaluate(cfg)
 

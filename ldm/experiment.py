@@ -7,6 +7,8 @@ on and how the table and plot are drawn; ``make experiment NAME=...`` calls this
 subprocesses of the same console scripts a user would type, so the study is exactly the sum of the
 commands it prints.
 
+    ldm-experiment --list                     # the studies and their questions
+    ldm-experiment guidance --dry-run         # the commands it would run, nothing run
     ldm-experiment guidance                   # full study: results into experiments/guidance/
     ldm-experiment guidance --smoke           # a few steps of everything, results under the run folder
     ldm-experiment prediction --launcher joblib --jobs 2    # parallel jobs on one machine
@@ -86,8 +88,22 @@ def run_command(cmd: list[str], env: dict[str, str], log_path: Path) -> float:
     return seconds
 
 
+def show_command(cmd: list[str], env: dict[str, str], log_path: Path) -> float:
+    """--dry-run: the command as run_command would run it, not run."""
+    print("$ " + shlex.join(cmd), flush=True)
+    return 0.0
+
+
+def list_studies() -> str:
+    lines = ["studies (experiments/<name>; run one with ldm-experiment NAME, check it with --smoke):"]
+    for name in available_studies():
+        title = OmegaConf.load(STUDIES_DIR / name / "study.yaml").get("title", "")
+        lines.append(f"  {name:<12} {title}")
+    return "\n".join(lines)
+
+
 def ensure_base(base: Path, smoke: bool, env: dict[str, str], log_path: Path,
-                stages: Sequence[str] = ("vae", "ldm")) -> dict[str, float]:
+                stages: Sequence[str] = ("vae", "ldm"), run: Any = run_command) -> dict[str, float]:
     """Train the base models unless ``base`` already holds them (e.g. from ``make train``); ``stages``:
     which of them the study needs (``base: vae`` in study.yaml: only the autoencoder)."""
     seconds = {}
@@ -96,7 +112,7 @@ def ensure_base(base: Path, smoke: bool, env: dict[str, str], log_path: Path,
             continue
         args = [a.format(base=base) for a in BASE_COMMANDS[stage] + (SMOKE_BASE[stage] if smoke else [])]
         cmd = [sys.executable, "-m", APPS["train"], *args, f"hydra.run.dir={base / stage}"]
-        seconds[f"base {stage}"] = run_command(cmd, env, log_path)
+        seconds[f"base {stage}"] = run(cmd, env, log_path)
     return seconds
 
 
@@ -144,7 +160,7 @@ def phase_command(study: dict[str, Any], phase: dict[str, Any], *, base: Path, o
 
 def run_study(name: str, *, smoke: bool = False, base: Path | None = None, out: Path | None = None,
               report_dir: Path | None = None, launcher: str | None = None, jobs: int = 2,
-              extra: list[str] | None = None, skip: Sequence[str] = ()) -> dict[str, Any]:
+              extra: list[str] | None = None, skip: Sequence[str] = (), dry_run: bool = False) -> dict[str, Any]:
     """Run every phase of the study, then write its report; returns the report's paths and timings.
 
     ``skip``: phases whose jobs already finished under ``out`` (an earlier run of the same study, e.g.
@@ -171,14 +187,17 @@ def run_study(name: str, *, smoke: bool = False, base: Path | None = None, out: 
     log_path = out / "experiment.log"
     needs = study.get("base", True)
     stages = ("vae",) if needs == "vae" else ("vae", "ldm")
-    timings = ensure_base(base, smoke, env, log_path, stages) if needs else {}
+    run = show_command if dry_run else run_command
+    timings = ensure_base(base, smoke, env, log_path, stages, run) if needs else {}
     for phase in study["phases"]:
         if phase["name"] in skip:
             if not (out / phase["name"]).is_dir():
                 raise StudyError(f"cannot skip phase {phase['name']!r}: {out / phase['name']} does not exist")
             continue
         cmd = phase_command(study, phase, base=base, out=out, smoke=smoke, launcher=launcher, jobs=jobs, extra=extra or [])
-        timings[f"phase {phase['name']}"] = run_command(cmd, env, log_path)
+        timings[f"phase {phase['name']}"] = run(cmd, env, log_path)
+    if dry_run:
+        return {"out": str(out), "report_dir": str(report_dir), "timings": {}, "report": {}, "dry_run": True}
     lines = [f"- {what}: {seconds / 60:.1f} min" for what, seconds in timings.items()]
     lines += [f"- phase {p}: run earlier in the same folder (skipped here)" for p in names if p in skip]
     notes = "\n".join([
@@ -206,7 +225,9 @@ def run_study(name: str, *, smoke: bool = False, base: Path | None = None, out: 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="ldm-experiment", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument("name", help=f"a study folder under experiments/: {', '.join(available_studies())}")
+    parser.add_argument("name", nargs="?", help=f"a study folder under experiments/: {', '.join(available_studies())}")
+    parser.add_argument("--list", action="store_true", help="list the studies and exit")
+    parser.add_argument("--dry-run", action="store_true", help="print the commands the study would run, run nothing")
     parser.add_argument("--smoke", action="store_true", help="a few steps of every job (checks the whole study)")
     parser.add_argument("--base", type=Path, help="folder with the base vae/ and ldm/ runs (default: outputs/default)")
     parser.add_argument("--out", type=Path, help="where the jobs go (default: outputs/experiments/NAME/<time>)")
@@ -215,16 +236,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--jobs", type=int, default=2, help="parallel jobs with --launcher joblib")
     parser.add_argument("--skip", nargs="+", default=[], metavar="PHASE",
                         help="phases already run under --out (their jobs are reported, not rerun)")
-    parser.add_argument("extra", nargs="*", help="more Hydra overrides for every phase (after --)")
+    parser.add_argument("extra", nargs="*", default=[], help="optional: more Hydra overrides for every phase (after --)")
     args = parser.parse_args(argv)
+    if args.list or args.name is None:
+        print(list_studies())
+        return
     try:
         result = run_study(args.name, smoke=args.smoke, base=args.base, out=args.out, report_dir=args.report_dir,
                            launcher=None if args.launcher == "basic" else args.launcher, jobs=args.jobs,
-                           extra=args.extra, skip=args.skip)
+                           extra=args.extra, skip=args.skip, dry_run=args.dry_run)
     except StudyError as err:
         print(f"ldm-experiment: error: {err}", file=sys.stderr)
         sys.exit(2)
-    print(f"report: {result['report_dir']}/results.md", flush=True)
+    if not args.dry_run:
+        print(f"report: {result['report_dir']}/results.md", flush=True)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,8 @@ from typing import Any
 
 import yaml
 
+from ldm.cli import FAILED_MARKER
+
 
 @dataclass
 class Job:
@@ -91,33 +93,8 @@ def collect(root: Path) -> list[Job]:
             job.missing, job.metrics = data is None, _numeric_metrics(data or {})
         except ValueError as e:  # a job killed mid-write must not take the report down with it
             job.missing, job.note = True, f"unreadable results.json: {e}"
-        jobs.append(job)
-    return jobs
-
-
-def collect_wandb(path: str, api: Any = None) -> list[Job]:
-    """Runs of a W&B group ``[entity/]project/group``; params come from the "key=value" tags of each run."""
-    parts = [p for p in path.strip("/").split("/") if p]
-    if len(parts) not in (2, 3):
-        raise ValueError(f"W&B source must be entity/project/group or project/group, got {path!r}")
-    if api is None:
-        import wandb
-
-        api = wandb.Api()
-    entity = parts[0] if len(parts) == 3 else getattr(api, "default_entity", None)
-    project, group = parts[-2], parts[-1]
-    jobs = []
-    for run in api.runs(f"{entity}/{project}" if entity else project, filters={"group": group}):
-        params = dict(parse_override(t) for t in (getattr(run, "tags", None) or []) if "=" in t)
-        summary = getattr(run, "summary", None) or {}
-        # "_step", "_runtime", "_timestamp": W&B bookkeeping, not results.
-        metrics = {k: v for k, v in _numeric_metrics(dict(summary.items())).items() if not k.startswith("_")}
-        run_path = getattr(run, "path", None)
-        job = Job("/".join(run_path) if isinstance(run_path, list | tuple) else str(run.id), params, metrics)
-        # A running or crashed run's summary holds whatever it logged last, not a final result.
-        if (state := getattr(run, "state", "finished")) != "finished" or not metrics:
-            job.missing, job.metrics = True, {}
-            job.note = f"state={state}" if state != "finished" else "no numeric summary"
+        if job.missing and (job_dir / FAILED_MARKER).is_file():  # ldm-train wrote why the job stopped
+            job.note = "failed: " + (job_dir / FAILED_MARKER).read_text().strip()
         jobs.append(job)
     return jobs
 
@@ -168,6 +145,33 @@ def summarize(jobs: Sequence[Job], seed_key: str = "seed",
 def varying_params(rows: Sequence[Row]) -> list[str]:
     """Params that tell rows apart; the rest is the same everywhere and belongs in the "Fixed" line."""
     return [k for k in _param_order(rows) if len({r.params.get(k) for r in rows}) > 1]
+
+
+def constant_metrics(rows: Sequence[Row]) -> dict[str, float]:
+    """Metrics with one value in every row and every seed (``batch/world_size``): a column that compares
+    nothing. A lone job has nothing to compare, so nothing of it counts as constant."""
+    if len(rows) < 2 and all(r.n < 2 for r in rows):
+        return {}
+    out = {}
+    for m in all_metrics(rows):
+        stats = [r.metrics.get(m) for r in rows]
+        if all(s is not None and s.mean == stats[0].mean and not s.std for s in stats):
+            out[m] = stats[0].mean
+    return out
+
+
+def default_x(rows: Sequence[Row]) -> str | None:
+    """The swept key to plot against when none is named: the varying param with the most values, a numeric
+    one first (guidance_scale over sampler); the other varying params become lines."""
+    varying = varying_params(rows)
+    if not varying:
+        return None
+
+    def score(key: str) -> tuple[int, int]:
+        values = {r.params.get(key) for r in rows if key in r.params}
+        return (all(_value_key(v)[0] == 0 for v in values), len(values))
+
+    return max(varying, key=lambda k: (score(k), -varying.index(k)))
 
 
 def fixed_params(jobs: Sequence[Job]) -> dict[str, str]:
@@ -259,7 +263,9 @@ def write_report(root: Path | str, out_dir: Path | str, *, title: str, x: str | 
         raise ValueError(f"no finished jobs under {root} ({len(jobs)} jobs found): expected one folder per job "
                          "holding .hydra/overrides.yaml and results.json")
     rows = summarize(jobs, seed_key=seed_key, order=order)
-    metrics = list(metrics) if metrics else all_metrics(rows)
+    # Unless the columns are named, a metric equal in every row goes to one "Constant" line, not a column.
+    constant = {} if metrics else constant_metrics(rows)
+    metrics = list(metrics) if metrics else [m for m in all_metrics(rows) if m not in constant]
     unknown = [m for m in metrics if m not in all_metrics(rows)]
     if unknown:
         raise ValueError(f"unknown metrics {unknown}; the jobs report {all_metrics(rows)}")
@@ -275,6 +281,8 @@ def write_report(root: Path | str, out_dir: Path | str, *, title: str, x: str | 
     parts = [f"# {title}", counts + spread + ".", table]
     if fixed:
         parts.append("Fixed: " + ", ".join(f"{k}={v}" for k, v in fixed.items()))
+    if constant:
+        parts.append("Same in every row: " + ", ".join(f"{k} {fmt(v)}" for k, v in constant.items()))
     lower = sorted(set(lower_is_better) & set(metrics))
     # Direction comes from the caller; stating it lets a reader catch a bolded worst value.
     lower_text = f"lower is better: {', '.join(lower)}; " if lower else ""
@@ -323,7 +331,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("source", help="sweep folder, or wandb:[entity/]project/group")
     parser.add_argument("--out", help="output folder (default: the sweep folder; required for wandb:)")
     parser.add_argument("--title", help="report heading (default: the source's name)")
-    parser.add_argument("--x", help="param on the plot's x axis (no plot without it)")
+    parser.add_argument("--x", help="param on the plot's x axis (default: the swept param with the most values)")
+    parser.add_argument("--no-plot", action="store_true", help="the table only")
     parser.add_argument("--series", help="param drawn as one line per value")
     parser.add_argument("--metrics", help="comma-separated metrics, in column order (default: all)")
     parser.add_argument("--lower-is-better", default="", help="comma-separated metrics where lower is better")
@@ -339,6 +348,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not args.out:
                 raise ValueError("--out is required for a wandb: source")
             root = args.source[len("wandb:"):]
+            from ldm.report_wandb import collect_wandb
+
             try:
                 jobs = collect_wandb(root)
             except Exception as e:  # W&B raises its own types (no login, no network, no such project)
@@ -348,8 +359,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not Path(args.source).is_dir():
                 raise ValueError(f"{args.source} is not a folder (nor wandb:entity/project/group)")
             root, jobs, default_title = args.source, None, Path(args.source).resolve().name
+        x = args.x
+        if x is None and not args.no_plot:
+            rows = summarize(jobs if jobs is not None else collect(Path(root)), seed_key=args.seed_key)
+            x = default_x(rows)
         result = write_report(
-            root, args.out or args.source, title=args.title or default_title, x=args.x,
+            root, args.out or args.source, title=args.title or default_title, x=None if args.no_plot else x,
             series=args.series, metrics=_csv(args.metrics) or None, lower_is_better=set(_csv(args.lower_is_better)),
             logx=args.logx, order=order, seed_key=args.seed_key, jobs=jobs, frontier=_csv(args.frontier) or None,
         )

@@ -17,6 +17,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from PIL import Image
 from rich.progress import Progress
 
+from ldm.cli import run_cli
 from ldm.config import ConfigError, register_resolvers, user_errors_as_messages
 from ldm.io.images import save_png, to_uint8_grid
 from ldm.io.samples import save_samples_npz, to_uint8_nhwc, write_manifest
@@ -30,6 +31,21 @@ CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 # (an unreadable image is PIL's UnidentifiedImageError, an OSError).
 USER_ERRORS = (ValueError, OSError)
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+# The scale an export trained before final samples recorded one (or a converted model) is sampled at: the
+# default's (conf/stage/ldm.yaml stage.final_samples.guidance_scale, chosen in experiments/recipe).
+DEFAULT_GUIDANCE_SCALE = 1.75
+
+
+def guidance_scales(value: Any, info: dict[str, Any]) -> list[float]:
+    """``guidance_scale`` as a list; null = the scale the model's own final samples used (its export's
+    ``guidance_scale``, or a run config's ``stage.final_samples.guidance_scale`` for a .ckpt), so ldm-sample,
+    ldm-evaluate and training agree by default."""
+    if value is None:
+        config = info.get("config") or {}
+        value = config.get("guidance_scale")
+        if value is None:
+            value = ((config.get("stage") or {}).get("final_samples") or {}).get("guidance_scale", DEFAULT_GUIDANCE_SCALE)
+    return [float(s) for s in (value if isinstance(value, (list, ListConfig)) else [value])]
 
 
 def file_hash(path: Path) -> str:
@@ -148,7 +164,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         edit = None
     else:
         edit = build_edit(cfg, sampler, image_size, count)
-    scales = cfg.guidance_scale if isinstance(cfg.guidance_scale, ListConfig) else [cfg.guidance_scale]
+    scales = guidance_scales(cfg.guidance_scale, info)
     for scale in scales:
         if float(scale) < 0:
             raise ConfigError(f"guidance_scale must be >= 0, got {scale}")
@@ -158,7 +174,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     out_dir = Path(cfg.out_dir)
     results = {}
     for scale in scales:
-        folder = out_dir / (f"cfg{float(scale):g}" if len(scales) > 1 else "")
+        folder = out_dir / (f"guidance_scale={float(scale):g}" if len(scales) > 1 else "")
         generator = torch.Generator(device=sampler.device).manual_seed(int(cfg.seed))
         with Progress() as progress:
             task = progress.add_task(f"sampling (cfg {float(scale):g})", total=count)
@@ -182,8 +198,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     return results
 
 
+def main() -> None:
+    run_cli("ldm-sample", CONF_DIR, "sample", __doc__, hydra_main)
+
+
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="sample")
-def main(cfg: DictConfig) -> None:
+def hydra_main(cfg: DictConfig) -> None:
     with user_errors_as_messages("ldm-sample", USER_ERRORS):
         run(cfg)
 

@@ -20,6 +20,7 @@ from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
+from ldm.cli import run_cli
 from ldm.config import (
     ConfigError,
     apply_deprecated_keys,
@@ -28,6 +29,7 @@ from ldm.config import (
     instantiate_checked,
     register_resolvers,
     rename_deprecated_overrides,
+    sweep_group,
     sweep_tags,
     user_errors_as_messages,
 )
@@ -37,11 +39,27 @@ from ldm.io.export import write_text_atomic
 from ldm.lit.export import AutoencoderExport, LatentDiffusionExport
 from ldm.lit.finetune import BaseReference
 from ldm.lit.reliability import NonFiniteLossError, keep_csv_history
+from ldm.run_notes import (
+    clear_failed,
+    config_summary,
+    first_stage_export,
+    in_sweep,
+    mark_failed,
+    next_steps,
+    quiet_third_party,
+)
 
 log = logging.getLogger("ldm.train")
 register_resolvers()
 # An absolute path: relative ones would be resolved against the `ldm` package, where conf/ is not.
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+
+HELP = """ldm-train: train the autoencoder (stage=vae) or the latent diffusion model on its export (stage=ldm).
+
+  ldm-train stage=vae run_name=f4
+  ldm-train stage=ldm first_stage.path=outputs/vae/f4/export run_name=c1
+  ldm-train stage=ldm first_stage.path=... debug=fast           # a few steps of everything
+  ldm-train -m stage=ldm first_stage.path=... seed=0,1 run_name=s1  # a sweep; again with ckpt_path=last resumes it"""
 
 STAGES = ("vae", "ldm")
 # 128 + SIGTERM, the shell's status for a process stopped by SIGTERM: schedulers and retry loops see an
@@ -194,6 +212,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit the configured stage; returns the final logged metrics and the paths it wrote."""
     apply_deprecated_keys(cfg)
     out = run_dir(cfg)
+    # A sweep's jobs form one wandb group (the sweep's name unless group= is set), tagged by their overrides.
+    cfg.group = sweep_group(cfg.get("group"))
+    cfg.tags = sweep_tags(cfg.get("tags"))
+    first_stage_export(cfg)
     # finetune (issue 18): init= / finetune= set the stage-2 nodes they decide, before anything reads them (cached
     # resolvers would keep the values seen first) and before config.yaml records them
     base = configure_finetune(cfg, out)
@@ -202,7 +224,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     ckpt_path = resolve_ckpt_path(cfg, out)
     write_text_atomic(out / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-    pl.seed_everything(int(cfg.seed), workers=True)
+    if rank_zero():
+        log.info(config_summary(cfg, out))
+    pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
 
     datamodule = instantiate_checked(cfg.data, "data")
     module = instantiate_checked(cfg.stage.module, "stage.module")
@@ -247,13 +271,23 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         # ldm-report reads every sweep job's numbers from here (and its overrides from .hydra/).
         write_text_atomic(out / "results.json", json.dumps(flat_numbers(results), indent=2, sort_keys=True))
         summarize(results)
+        if not in_sweep():  # a sweep ends with one pointer to ldm-report instead (ldm.cli.SweepSummary)
+            for line in next_steps(cfg, out):
+                log.info(line)
     _finish_wandb()
     return results
 
 
 def summarize(results: dict[str, Any]) -> None:
     lines = [f"  {k}: {v:.4g}" if isinstance(v, float) else f"  {k}: {v}" for k, v in sorted(results.items())]
-    print("ldm-train finished:\n" + "\n".join(lines), flush=True)
+    log.info("ldm-train finished:\n" + "\n".join(lines))
+
+
+def rank_zero() -> bool:
+    # Before the Trainer exists: the launcher's rank variables (torchrun, SLURM), else a single process.
+    import os
+
+    return all(os.environ.get(k, "0") == "0" for k in ("RANK", "SLURM_PROCID", "LOCAL_RANK"))
 
 
 def _finish_wandb() -> None:
@@ -269,16 +303,22 @@ def _finish_wandb() -> None:
 
 def main() -> float | None:
     sys.argv[1:] = rename_deprecated_overrides(sys.argv[1:])
-    return hydra_main()
+    return run_cli("ldm-train", CONF_DIR, "train", HELP, hydra_main)
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 def hydra_main(cfg: DictConfig) -> float | None:
+    quiet_third_party()
+    out = run_dir(cfg)
     with user_errors_as_messages("ldm-train", USER_ERRORS):
         try:
             results = train(cfg)
         except SIGTERMException:
             sys.exit(PREEMPTED_EXIT_CODE)  # ResumeCheckpoint has written last.ckpt and said so
+        except Exception as err:
+            mark_failed(out, err)
+            raise
+    clear_failed(out)
     # A scalar lets Hydra sweepers (e.g. Optuna) optimise the run.
     monitor = cfg.stage.monitor
     return results.get(monitor)

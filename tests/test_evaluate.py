@@ -114,7 +114,12 @@ def test_folder_of_images_without_labels_skips_accuracy_with_the_reason(tmp_path
     assert set(report["skipped"]) == {"accuracy", "is", "clip_score"}
     assert "no labels" in report["skipped"]["accuracy"] and "no prompts" in report["skipped"]["clip_score"]
     assert "accuracy skipped (" in report["summary"]
-    assert capsys.readouterr().out.strip().splitlines()[-1] == report["summary"]  # the one-line summary
+    printed = capsys.readouterr()
+    lines = printed.out.strip().splitlines()
+    # the one-line summary, where metrics.json went, and the next command
+    assert lines[-3:-1] == [report["summary"], f"metrics: {tmp_path / 'out' / 'metrics.json'}"]
+    assert lines[-1].startswith("next: ldm-evaluate samples=")
+    assert "warning: FID/KID from n=40 samples (< kid.subset_size=" in printed.err  # 40 is too few to compare
     np.testing.assert_array_equal(load_samples(folder).images, val_digits[0][:40])
 
 

@@ -11,7 +11,8 @@ import pytest
 import yaml
 from PIL import Image
 
-from ldm.report import Job, collect, collect_wandb, fmt, main, markdown_table, summarize, write_report
+from ldm.report import Job, collect, fmt, main, markdown_table, summarize, write_report
+from ldm.report_wandb import collect_wandb
 
 
 def make_job(root: Path, name: str, overrides: list[str], results: dict | None) -> Path:
@@ -175,7 +176,24 @@ def test_cli_writes_report_and_prints_table(sweep: Path, capsys: pytest.CaptureF
     assert out.splitlines()[2].startswith("| dpm | 10 | 1 | 25 |")
     md = (sweep / "results.md").read_text()
     assert md.startswith("# multirun\n") and "accuracy" not in md
-    assert not (sweep / "results.png").exists()
+    # no --x: plotted against the swept key with the most (numeric) values, the other one as lines
+    assert (sweep / "results.png").is_file() and "![](results.png)" in md
+
+
+def test_cli_drops_constant_columns_and_plots_by_the_swept_key(tmp_path: Path, capsys) -> None:
+    """A plain 2-job sweep: batch/world_size is 1 in every job, so it is one line under the table, not a
+    column; the plot is drawn against the one swept key without --x; a FAILED job's note says why."""
+    for i, scale in enumerate(("1.5", "3")):
+        make_job(tmp_path, str(i), [f"guidance_scale={scale}"], {"fid": 10.0 + i, "batch/world_size": 1})
+    (make_job(tmp_path, "2", ["guidance_scale=6"], None) / "FAILED").write_text("ConfigError: bad thing\n")
+    assert main([str(tmp_path)]) == 0
+    table = capsys.readouterr().out
+    assert table.splitlines()[0] == "| guidance_scale | fid |"
+    md = (tmp_path / "results.md").read_text()
+    assert "Same in every row: batch/world_size 1" in md and "![](results.png)" in md
+    assert "- `2` (guidance_scale=6): failed: ConfigError: bad thing" in md
+    assert main([str(tmp_path), "--no-plot", "--out", str(tmp_path / "t")]) == 0
+    assert not (tmp_path / "t" / "results.png").exists()
 
 
 @pytest.mark.parametrize(

@@ -118,11 +118,11 @@ def test_the_manifest_reproduces_the_run(lively, tmp_path):
 def test_guidance_scale_list_gives_one_folder_per_scale(lively, tmp_path):
     results = run(compose_sample(lively, tmp_path, ["labels=[0]", "n=2", "guidance_scale=[1,4]"]))
     assert sorted(results) == [1.0, 4.0]
-    unguided = np.load(tmp_path / "cfg1" / "samples.npz")["arr_0"]
-    guided = np.load(tmp_path / "cfg4" / "samples.npz")["arr_0"]
+    unguided = np.load(tmp_path / "guidance_scale=1" / "samples.npz")["arr_0"]
+    guided = np.load(tmp_path / "guidance_scale=4" / "samples.npz")["arr_0"]
     assert unguided.shape == guided.shape == (2, 32, 32, 1)
     assert not np.array_equal(unguided, guided)
-    assert json.loads((tmp_path / "cfg4" / "manifest.json").read_text())["guidance_scale"] == 4.0
+    assert json.loads((tmp_path / "guidance_scale=4" / "manifest.json").read_text())["guidance_scale"] == 4.0
 
 
 def test_bad_conditions_fail_with_a_clear_error(export, tmp_path):

@@ -104,6 +104,8 @@ class LatentDiffusionExport(pl.Callback):
             "sampler": OmegaConf.to_container(cfg.sampler, resolve=True),
             "scale_factor": float(pl_module.model.first_stage.scale_factor),
             "data": OmegaConf.to_container(cfg.data, resolve=True),
+            # The scale the run's final samples used: ldm-sample and ldm-evaluate default to it.
+            "guidance_scale": OmegaConf.select(cfg, "stage.final_samples.guidance_scale"),
         }
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
