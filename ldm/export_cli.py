@@ -7,9 +7,12 @@
     yaml beside it (``model.params.unet_config`` / ``first_stage_config`` / schedule), as the CompVis code and
     diffusers' single-file loaders expect.
 --diffusers: a folder diffusers loads: ``vae/`` (AutoencoderKL), ``unet/`` (UNet2DConditionModel),
-    ``scheduler/`` (DDIMScheduler with our betas and prediction type), ``model_index.json``, and
-    ``conditioner.json`` naming the frozen text encoder (its weights are referenced, never copied) plus
-    ``conditioner.safetensors`` with the learned conditioner parts (class embeddings), if any.
+    ``scheduler/`` (DDIMScheduler with our betas and prediction type), ``model_index.json``, ``conditioner.json``
+    (the encoders the context comes from) plus ``conditioner.safetensors`` with the learned conditioner parts
+    (class embeddings), if any. A text-to-image model's encoder is shipped as ``text_encoder/`` + ``tokenizer/``
+    (fine-tuned: merged; frozen: copied from its local folder), so ``StableDiffusionPipeline.from_pretrained``
+    reads the folder alone; a frozen encoder named by hub id stays a reference (model_index entries null).
+    --compvis carries a fine-tuned CLIP tower as SD-1.x's ``cond_stage_model.transformer.text_model.*``.
 --lora: the adapters of a ``finetune=lora`` run (``<export>/lora``) as ``pytorch_lora_weights.safetensors`` in
     diffusers/peft naming; ``--merge`` is required to write such a run's merged model with --diffusers/--compvis.
 Every file is written atomically; the diffusers folder appears complete or not at all.
@@ -33,6 +36,7 @@ from omegaconf import OmegaConf
 
 from ldm.diffusion.schedules import NoiseSchedule
 from ldm.finetune.adapters import read_adapter, write_diffusers_lora
+from ldm.io import text_encoder
 from ldm.io.compvis import COND_STAGE_PREFIX, FIRST_STAGE_PREFIX, UNET_PREFIX, strip_prefix
 from ldm.io.convert import (
     autoencoder_to_diffusers,
@@ -42,11 +46,11 @@ from ldm.io.convert import (
 )
 from ldm.io.export import ExportError, read_export, save_tensors_atomic, write_text_atomic
 from ldm.io.load import backbone_config_of
+from ldm.io.text_encoder import TEXT_ENCODER_TARGET
 from ldm.nets.autoencoder import EncoderDecoderConfig
 
 UNET_TARGET = "ldm.nets.unet.UNetModel"
 AUTOENCODER_TARGET = "ldm.nets.autoencoder.AutoencoderKL"
-TEXT_ENCODER_TARGET = "ldm.nets.conditioners.FrozenTextEncoder"
 DIFFUSERS_PREDICTION = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
 # CompVis names its schedules after what is linear in its code (its "linear" is SD's scaled_linear).
 COMPVIS_SCHEDULE = {"scaled_linear": "linear", "linear": "sqrt_linear", "cosine": "cosine"}
@@ -174,7 +178,7 @@ def original_config(parts: LatentDiffusionParts) -> dict[str, Any]:
     params.update(
         parameterization=parts.prediction, first_stage_key="image",
         cond_stage_key=embedders[0].get("input_key") if embedders else None, image_size=parts.latent_size,
-        channels=parts.embed_dim, cond_stage_trainable=any(k.startswith(COND_STAGE_PREFIX) for k in parts.tensors),
+        channels=parts.embed_dim, cond_stage_trainable=bool(_learned(parts)),
         conditioning_key=conditioning_key, scale_factor=parts.scale_factor, use_ema=False,
         unet_config={"target": "ldm.modules.diffusionmodules.openaimodel.UNetModel", "params": unet_params},
         first_stage_config={"target": "ldm.models.autoencoder.AutoencoderKL", "params": {
@@ -192,7 +196,7 @@ def write_compvis(parts: LatentDiffusionParts, path: Path, yaml_path: Path | Non
         raise ExportError(f"--compvis must name a .safetensors file, got {path}")
     yaml_path = yaml_path or path.with_suffix(".yaml")
     yaml_text = OmegaConf.to_yaml(OmegaConf.create(original_config(parts)))  # fails before anything is written
-    save_tensors_atomic(path, parts.tensors)
+    save_tensors_atomic(path, text_encoder.compvis_tensors(parts.tensors))
     write_text_atomic(yaml_path, yaml_text)
     return path, yaml_path
 
@@ -223,25 +227,44 @@ def scheduler_config(parts: LatentDiffusionParts) -> dict[str, Any]:
     return config
 
 
-def conditioner_reference(parts: LatentDiffusionParts) -> dict[str, Any]:
-    """Which frozen encoders the UNet's context comes from (referenced by path or hub id, not shipped)."""
-    references = []
-    for embedder in _embedders(parts):
+def _learned(parts: LatentDiffusionParts) -> dict[str, torch.Tensor]:
+    """Learned conditioner parts (class embeddings), without a fine-tuned text tower (shipped as an encoder)."""
+    return {k: v for k, v in strip_prefix(parts.tensors, COND_STAGE_PREFIX).items()
+            if not (COND_STAGE_PREFIX + k).startswith(text_encoder.TUNED_PREFIX)}
+
+
+def _text_to_image(parts: LatentDiffusionParts) -> dict[str, Any] | None:
+    """The text embedder of a model StableDiffusionPipeline runs (text context alone, no concat, no classes)."""
+    embedder = text_encoder.text_embedder(_embedders(parts))
+    if embedder is None or parts.unet["in_channels"] != parts.embed_dim or parts.unet.get("num_classes") is not None:
+        return None
+    return embedder
+
+
+def conditioner_reference(parts: LatentDiffusionParts, shipped: bool = False) -> dict[str, Any]:
+    """Which encoders the UNet's context comes from: ``text_encoder`` (+ ``tokenizer``) of the folder itself when
+    ``shipped``, else a referenced path or hub id."""
+    references, conditioner = [], json.loads(json.dumps(parts.conditioner))
+    for embedder in conditioner.get("embedders") or []:
         if embedder.get("_target_") == TEXT_ENCODER_TARGET:
+            if shipped:  # the base encoder is no longer what the context comes from
+                embedder["pretrained"] = "text_encoder"
             references.append({k: embedder.get(k) for k in ("pretrained", "max_length", "layer", "input_key")})
-    learned = any(k.startswith(COND_STAGE_PREFIX) for k in parts.tensors)
-    return {"text_encoders": references, "conditioner": parts.conditioner,
-            "learned_weights": "conditioner.safetensors" if learned else None}
+            if shipped:
+                references[-1]["tokenizer"] = "tokenizer"
+    return {"text_encoders": references, "conditioner": conditioner,
+            "learned_weights": "conditioner.safetensors" if _learned(parts) else None}
 
 
-def model_index(parts: LatentDiffusionParts, reference: dict[str, Any]) -> dict[str, Any]:
+def model_index(parts: LatentDiffusionParts, text_parts: dict[str, list[str]] | None) -> dict[str, Any]:
     index: dict[str, Any] = {"_diffusers_version": DIFFUSERS_VERSION, "vae": ["diffusers", "AutoencoderKL"],
                              "unet": ["diffusers", "UNet2DConditionModel"], "scheduler": ["diffusers", "DDIMScheduler"]}
-    text_only = len(_embedders(parts)) == 1 and len(reference["text_encoders"]) == 1
-    if text_only and parts.unet["in_channels"] == parts.embed_dim and parts.unet.get("num_classes") is None:
-        # A text-to-image model: StableDiffusionPipeline.from_pretrained(folder, text_encoder=..., tokenizer=...)
+    if _text_to_image(parts) is not None:
+        # StableDiffusionPipeline.from_pretrained(folder); without a shipped encoder (a hub id the export only
+        # references) the caller passes text_encoder= and tokenizer=
         index.update(_class_name="StableDiffusionPipeline", text_encoder=[None, None], tokenizer=[None, None],
                      safety_checker=[None, None], feature_extractor=[None, None], requires_safety_checker=False)
+        index.update(text_parts or {})
     return index
 
 
@@ -258,7 +281,12 @@ def write_diffusers(parts: LatentDiffusionParts, folder: Path, overwrite: bool =
     vae_config = autoencoder_to_diffusers_config(parts.ddconfig, parts.embed_dim, parts.scale_factor,
                                                  parts.latent_size * 2 ** (len(parts.ddconfig.ch_mult) - 1))
     unet_config = unet_to_diffusers_config(parts.unet, parts.latent_size)
-    reference = conditioner_reference(parts)
+    embedder = _text_to_image(parts)
+    shipped = text_encoder.shipped_encoder(embedder, parts.tensors) if embedder is not None else None
+    if shipped is None and text_encoder.tuned_tower(parts.tensors):
+        raise ExportError("the text encoder was fine-tuned, but this model has no diffusers pipeline form "
+                          "(StableDiffusionPipeline: one text encoder, no class or concat conditioning)")
+    reference = conditioner_reference(parts, shipped is not None)
     files: dict[str, dict[str, Any]] = {
         "vae/config.json": {**vae_config, "_diffusers_version": DIFFUSERS_VERSION},
         "unet/config.json": {**unet_config, "_diffusers_version": DIFFUSERS_VERSION},
@@ -270,10 +298,11 @@ def write_diffusers(parts: LatentDiffusionParts, folder: Path, overwrite: bool =
         save_tensors_atomic(staging / "vae" / "diffusion_pytorch_model.safetensors", vae_state)
         save_tensors_atomic(staging / "unet" / "diffusion_pytorch_model.safetensors", unet_state)
         if reference["learned_weights"]:
-            save_tensors_atomic(staging / "conditioner.safetensors", strip_prefix(parts.tensors, COND_STAGE_PREFIX))
+            save_tensors_atomic(staging / "conditioner.safetensors", _learned(parts))
+        text_parts = text_encoder.write_pipeline_parts(shipped, staging) if shipped is not None else None
         for name, data in files.items():
             _write_json(staging / name, data)
-        _write_json(staging / "model_index.json", model_index(parts, reference))
+        _write_json(staging / "model_index.json", model_index(parts, text_parts))
         _swap_in(staging, folder)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

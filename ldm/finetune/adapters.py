@@ -23,6 +23,7 @@ import torch
 
 from ldm.finetune.lora import lora_pairs, merge_lora_state
 from ldm.io.convert import unet_key_map
+from ldm.io.convert.clip import is_clip_text, to_transformers4
 from ldm.io.export import ExportError, save_tensors_atomic, write_text_atomic
 
 ADAPTER_DIR = "lora"
@@ -89,6 +90,8 @@ def diffusers_lora_state(adapters: Mapping[str, torch.Tensor], info: Mapping[str
                          unet_kwargs: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     """Our adapters -> diffusers/peft names (``unet.<diffusers module>.lora_A.weight``), alpha / r folded into B."""
     names = unet_key_map(unet_kwargs)  # "<our module>.weight" -> "<diffusers module>.weight"
+    text_modules = [k.split(".transformer.", 1)[1] for k in adapters if k.startswith("text_encoder.")]
+    clip = is_clip_text(text_modules)
     out: dict[str, torch.Tensor] = {}
     scales = {"unet": info.get("unet_scale"), "text_encoder": info.get("text_encoder_scale")}
     for key, value in adapters.items():
@@ -100,6 +103,8 @@ def diffusers_lora_state(adapters: Mapping[str, torch.Tensor], info: Mapping[str
             target = names[f"{module}.weight"].removesuffix(".weight")
         else:
             target = module.split(".transformer.", 1)[1]  # the text model's own module path
+            if clip:  # transformers 5 names it without text_model.; SD pipelines' files (transformers 4) with it
+                target = next(iter(to_transformers4({target: None})))
         scale = scales[part] if leaf.startswith("B") else 1.0
         out[f"{part}.{target}.lora_{leaf}"] = (value.double() * float(scale)).to(value.dtype) if scale != 1.0 else value
     return out
@@ -115,6 +120,6 @@ def write_diffusers_lora(export: str | Path, out: str | Path, unet_kwargs: Mappi
     path = Path(out) / DIFFUSERS_LORA_WEIGHTS
     if path.exists() and not overwrite:
         raise ExportError(f"{path} exists; pass --overwrite to replace it")
-    # text_encoder.* keys use the encoder's own module paths: a CLIP text model's are the ones SD pipelines load
+    # text_encoder.* keys: the encoder's module paths, a CLIP tower's in the transformers-4 layout SD pipelines load
     save_tensors_atomic(path, diffusers_lora_state(adapters, info, unet_kwargs))
     return path
