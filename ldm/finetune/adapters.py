@@ -39,15 +39,14 @@ def _strip(tensors: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.
 
 
 def split_lora_export(
-    tensors: Mapping[str, torch.Tensor], conditioner_state: Mapping[str, torch.Tensor],
-    unet_scale: float | None, text_scale: float | None,
+    tensors: Mapping[str, torch.Tensor], unet_scale: float | None, text_scale: float | None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """(export tensors with every adapter merged, the adapters alone).
 
-    ``tensors``: what ``export_tensors`` gives for a LoRA run (peft names inside ``model.diffusion_model.*``,
-    only the learned conditioner parameters inside ``cond_stage_model.*``). ``conditioner_state``: the live
-    conditioner's full state, whose text encoders are merged and shipped whole (they differ from the
-    referenced pretrained encoder now)."""
+    ``tensors``: what ``export_tensors`` gives for a LoRA run (EMA where averaged, gathered from FSDP shards):
+    peft names inside ``model.diffusion_model.*``, and inside ``cond_stage_model.*`` every embedder that trains,
+    whole: a text encoder's base and adapters, merged here and shipped whole (it differs from the referenced
+    pretrained encoder now)."""
     out = {k: v for k, v in tensors.items() if not k.startswith((UNET, COND))}
     adapters: dict[str, torch.Tensor] = {}
     unet = _strip(tensors, UNET)
@@ -58,11 +57,9 @@ def split_lora_export(
     out.update({UNET + k: v for k, v in unet.items()})
     cond = _strip(tensors, COND)
     if text_scale is not None:
-        lora = lora_pairs(conditioner_state)
+        lora = lora_pairs(cond)
         adapters.update({f"text_encoder.{m}.lora_{ab}.weight": w for m, pair in lora.items() for ab, w in zip("AB", pair)})
-        owners = {m.split(".transformer.")[0] + ".transformer." for m in lora}  # embedders.<i>.transformer.
-        merged = merge_lora_state({k: v for k, v in conditioner_state.items() if k.startswith(tuple(owners))}, text_scale)
-        cond = {k: v for k, v in cond.items() if ".lora_" not in k} | merged
+        cond = merge_lora_state(cond, text_scale)
     out.update({COND + k: v for k, v in cond.items()})
     leftover = [k for k in out if ".lora_" in k or ".base_layer." in k]
     if leftover:
