@@ -27,7 +27,7 @@ import shutil
 import sys
 import tempfile
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -44,26 +44,15 @@ from ldm.io.convert import (
     unet_to_diffusers,
     unet_to_diffusers_config,
 )
-from ldm.io.export import ExportError, read_export, save_tensors_atomic, write_text_atomic
-from ldm.io.load import backbone_config_of
+from ldm.io.convert.dit import dit_to_diffusers_config, dit_to_diffusers_state_dict
+from ldm.io.export import ExportError, save_tensors_atomic, write_text_atomic
+from ldm.io.parts import LatentDiffusionParts, read_parts
 from ldm.io.text_encoder import TEXT_ENCODER_TARGET
-from ldm.nets.autoencoder import EncoderDecoderConfig
 
-UNET_TARGET = "ldm.nets.unet.UNetModel"
-AUTOENCODER_TARGET = "ldm.nets.autoencoder.AutoencoderKL"
 DIFFUSERS_PREDICTION = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
 # CompVis names its schedules after what is linear in its code (its "linear" is SD's scaled_linear).
 COMPVIS_SCHEDULE = {"scaled_linear": "linear", "linear": "sqrt_linear", "cosine": "cosine"}
 DIFFUSERS_VERSION = "0.30.0"  # the config format written here is read by every diffusers since
-
-
-def _plain(node: Any) -> Any:
-    """A Hydra node without its ``_target_`` keys (recursively)."""
-    if isinstance(node, Mapping):
-        return {str(k): _plain(v) for k, v in node.items() if k != "_target_"}
-    if isinstance(node, (list, tuple)):
-        return [_plain(v) for v in node]
-    return node
 
 
 def _target_params(node: Any) -> Any:
@@ -75,42 +64,6 @@ def _target_params(node: Any) -> Any:
     if isinstance(node, (list, tuple)):
         return [_target_params(v) for v in node]
     return node
-
-
-@dataclass
-class LatentDiffusionParts:
-    """Everything a stage-2 export holds, in the terms the writers need."""
-
-    tensors: dict[str, torch.Tensor]
-    unet: dict[str, Any]  # UNetModel kwargs (transformer as a plain mapping)
-    ddconfig: EncoderDecoderConfig
-    embed_dim: int
-    scale_factor: float
-    schedule: dict[str, Any]  # NoiseSchedule kwargs
-    prediction: str
-    conditioner: dict[str, Any]  # the Hydra node
-    timestep_spacing: str
-    latent_size: int
-
-
-def read_parts(folder: str | Path) -> LatentDiffusionParts:
-    tensors, config, _ = read_export(folder, kind="ldm")
-    config = OmegaConf.to_container(config, resolve=True)
-    config["unet"] = backbone_config_of(config)
-    for part, target in (("unet", UNET_TARGET), ("autoencoder", AUTOENCODER_TARGET)):
-        if config[part].get("_target_") != target:
-            raise ExportError(f"{folder}: {part} is {config[part].get('_target_')}, only {target} can be exported")
-    autoencoder = _plain(config["autoencoder"])
-    ddconfig = EncoderDecoderConfig.from_mapping(autoencoder["ddconfig"])
-    objective = config["objective"]
-    image_size = (config.get("data") or {}).get("image_size")
-    scale = tensors.get("scale_factor", torch.tensor(float(config.get("scale_factor", 1.0))))
-    return LatentDiffusionParts(
-        tensors=tensors, unet=_plain(config["unet"]), ddconfig=ddconfig, embed_dim=int(autoencoder["embed_dim"]),
-        scale_factor=float(scale), schedule=_plain(objective["schedule"]), prediction=str(objective.get("prediction", "eps")),
-        conditioner=config["conditioner"], timestep_spacing=str((config.get("sampler") or {}).get("timestep_spacing", "leading")),
-        latent_size=int(image_size) // 2 ** (len(ddconfig.ch_mult) - 1) if image_size else 64,
-    )
 
 
 def _embedders(parts: LatentDiffusionParts) -> list[dict[str, Any]]:
@@ -135,9 +88,11 @@ def _check_prediction(parts: LatentDiffusionParts, fmt: str) -> None:
 # CompVis
 
 
-def original_config(parts: LatentDiffusionParts) -> dict[str, Any]:
-    """The original CompVis yaml (``LatentDiffusion``) of the model, as SD's v1/v2 inference yamls."""
-    _check_prediction(parts, "CompVis")
+def _original_backbone(parts: LatentDiffusionParts) -> dict[str, Any]:
+    """The yaml's ``unet_config``: CompVis' UNetModel, or (CompVis has no DiT) our DiT, whose state dict is the
+    official facebookresearch/DiT layout."""
+    if parts.dit:
+        return {"target": "ldm.nets.dit.DiT", "params": dict(parts.unet)}
     unet, spec = parts.unet, parts.unet.get("transformer")
     if spec is None:
         raise ExportError("CompVis' UNetModel always has attention in its middle block; this UNet has no transformers")
@@ -158,6 +113,15 @@ def original_config(parts: LatentDiffusionParts) -> dict[str, Any]:
         unet_params["num_classes"] = unet["num_classes"]
     if unet.get("adm_in_channels") is not None:
         unet_params.update(num_classes="sequential", adm_in_channels=unet["adm_in_channels"])
+    return {"target": "ldm.modules.diffusionmodules.openaimodel.UNetModel", "params": unet_params}
+
+
+def original_config(parts: LatentDiffusionParts) -> dict[str, Any]:
+    """The original CompVis yaml (``LatentDiffusion``) of the model, as SD's v1/v2 inference yamls."""
+    _check_prediction(parts, "CompVis")
+    unet = parts.unet
+    unet_config = _original_backbone(parts)
+    context_dim = unet.get("context_dim") if parts.dit else unet["transformer"].get("context_dim")
     params: dict[str, Any] = {"timesteps": parts.schedule.get("num_train_timesteps", 1000)}
     kind = parts.schedule.get("kind", "linear")
     if kind in COMPVIS_SCHEDULE and not parts.schedule.get("zero_terminal_snr"):
@@ -169,7 +133,7 @@ def original_config(parts: LatentDiffusionParts) -> dict[str, Any]:
         params["given_betas"] = _betas(parts).tolist()
     embedders = _embedders(parts)
     concat = unet["in_channels"] > parts.embed_dim
-    context = spec.get("context_dim") is not None and any(e.get("output", "context") != "vector" for e in embedders)
+    context = context_dim is not None and any(e.get("output", "context") != "vector" for e in embedders)
     adm = unet.get("num_classes") is not None or unet.get("adm_in_channels") is not None
     keys = {(True, True): "hybrid", (True, False): "crossattn", (False, True): "concat", (False, False): None}
     conditioning_key = keys[(context, concat)]
@@ -180,7 +144,7 @@ def original_config(parts: LatentDiffusionParts) -> dict[str, Any]:
         cond_stage_key=embedders[0].get("input_key") if embedders else None, image_size=parts.latent_size,
         channels=parts.embed_dim, cond_stage_trainable=bool(_learned(parts)),
         conditioning_key=conditioning_key, scale_factor=parts.scale_factor, use_ema=False,
-        unet_config={"target": "ldm.modules.diffusionmodules.openaimodel.UNetModel", "params": unet_params},
+        unet_config=unet_config,
         first_stage_config={"target": "ldm.models.autoencoder.AutoencoderKL", "params": {
             "embed_dim": parts.embed_dim, "monitor": "val/rec_loss", "lossconfig": {"target": "torch.nn.Identity"},
             "ddconfig": {**asdict(parts.ddconfig), "ch_mult": list(parts.ddconfig.ch_mult),
@@ -236,7 +200,7 @@ def _learned(parts: LatentDiffusionParts) -> dict[str, torch.Tensor]:
 def _text_to_image(parts: LatentDiffusionParts) -> dict[str, Any] | None:
     """The text embedder of a model StableDiffusionPipeline runs (text context alone, no concat, no classes)."""
     embedder = text_encoder.text_embedder(_embedders(parts))
-    if embedder is None or parts.unet["in_channels"] != parts.embed_dim or parts.unet.get("num_classes") is not None:
+    if embedder is None or parts.dit or parts.unet["in_channels"] != parts.embed_dim or parts.unet.get("num_classes") is not None:
         return None
     return embedder
 
@@ -256,7 +220,21 @@ def conditioner_reference(parts: LatentDiffusionParts, shipped: bool = False) ->
             "learned_weights": "conditioner.safetensors" if _learned(parts) else None}
 
 
+def _diffusers_backbone(parts: LatentDiffusionParts) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """({part: folder name, config: its config.json}, its weights) of the UNet or DiT."""
+    state = strip_prefix(parts.tensors, UNET_PREFIX)
+    if parts.dit:  # DiTPipeline: CFG with its hard-coded null class 1000 only fits a 1000-class (ImageNet) DiT
+        return ({"part": "transformer", "config": dit_to_diffusers_config(parts.unet)},
+                dit_to_diffusers_state_dict(state, parts.unet))
+    return ({"part": "unet", "config": unet_to_diffusers_config(parts.unet, parts.latent_size)},
+            unet_to_diffusers(state, parts.unet))
+
+
 def model_index(parts: LatentDiffusionParts, text_parts: dict[str, list[str]] | None) -> dict[str, Any]:
+    if parts.dit:
+        return {"_class_name": "DiTPipeline", "_diffusers_version": DIFFUSERS_VERSION,
+                "transformer": ["diffusers", "DiTTransformer2DModel"], "vae": ["diffusers", "AutoencoderKL"],
+                "scheduler": ["diffusers", "DDIMScheduler"]}
     index: dict[str, Any] = {"_diffusers_version": DIFFUSERS_VERSION, "vae": ["diffusers", "AutoencoderKL"],
                              "unet": ["diffusers", "UNet2DConditionModel"], "scheduler": ["diffusers", "DDIMScheduler"]}
     if _text_to_image(parts) is not None:
@@ -276,11 +254,10 @@ def write_diffusers(parts: LatentDiffusionParts, folder: Path, overwrite: bool =
     if folder.exists() and not overwrite:
         raise ExportError(f"{folder} exists; pass --overwrite to replace it")
     # Everything is converted before the first byte is written, so an inexpressible model leaves no trace.
-    unet_state = unet_to_diffusers(strip_prefix(parts.tensors, UNET_PREFIX), parts.unet)
+    backbone, backbone_state = _diffusers_backbone(parts)
     vae_state = autoencoder_to_diffusers(strip_prefix(parts.tensors, FIRST_STAGE_PREFIX), parts.ddconfig, parts.embed_dim)
     vae_config = autoencoder_to_diffusers_config(parts.ddconfig, parts.embed_dim, parts.scale_factor,
                                                  parts.latent_size * 2 ** (len(parts.ddconfig.ch_mult) - 1))
-    unet_config = unet_to_diffusers_config(parts.unet, parts.latent_size)
     embedder = _text_to_image(parts)
     shipped = text_encoder.shipped_encoder(embedder, parts.tensors) if embedder is not None else None
     if shipped is None and text_encoder.tuned_tower(parts.tensors):
@@ -289,14 +266,14 @@ def write_diffusers(parts: LatentDiffusionParts, folder: Path, overwrite: bool =
     reference = conditioner_reference(parts, shipped is not None)
     files: dict[str, dict[str, Any]] = {
         "vae/config.json": {**vae_config, "_diffusers_version": DIFFUSERS_VERSION},
-        "unet/config.json": {**unet_config, "_diffusers_version": DIFFUSERS_VERSION},
+        f"{backbone['part']}/config.json": {**backbone["config"], "_diffusers_version": DIFFUSERS_VERSION},
         "scheduler/scheduler_config.json": scheduler_config(parts), "conditioner.json": reference,
     }
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
     try:
         save_tensors_atomic(staging / "vae" / "diffusion_pytorch_model.safetensors", vae_state)
-        save_tensors_atomic(staging / "unet" / "diffusion_pytorch_model.safetensors", unet_state)
+        save_tensors_atomic(staging / backbone["part"] / "diffusion_pytorch_model.safetensors", backbone_state)
         if reference["learned_weights"]:
             save_tensors_atomic(staging / "conditioner.safetensors", _learned(parts))
         text_parts = text_encoder.write_pipeline_parts(shipped, staging) if shipped is not None else None
