@@ -7,9 +7,12 @@
     yaml beside it (``model.params.unet_config`` / ``first_stage_config`` / schedule), as the CompVis code and
     diffusers' single-file loaders expect.
 --diffusers: a folder diffusers loads: ``vae/`` (AutoencoderKL), ``unet/`` (UNet2DConditionModel),
-    ``scheduler/`` (DDIMScheduler with our betas and prediction type), ``model_index.json``, and
-    ``conditioner.json`` naming the frozen text encoder (its weights are referenced, never copied) plus
-    ``conditioner.safetensors`` with the learned conditioner parts (class embeddings), if any.
+    ``scheduler/`` (DDIMScheduler with our betas and prediction type), ``model_index.json``, ``conditioner.json``
+    (the encoders the context comes from) plus ``conditioner.safetensors`` with the learned conditioner parts
+    (class embeddings), if any. A text-to-image model's encoder is shipped as ``text_encoder/`` + ``tokenizer/``
+    (fine-tuned: merged; frozen: copied from its local folder), so ``StableDiffusionPipeline.from_pretrained``
+    reads the folder alone; a frozen encoder named by hub id stays a reference (model_index entries null).
+    --compvis carries a fine-tuned CLIP tower as SD-1.x's ``cond_stage_model.transformer.text_model.*``.
 --lora: the adapters of a ``finetune=lora`` run (``<export>/lora``) as ``pytorch_lora_weights.safetensors`` in
     diffusers/peft naming; ``--merge`` is required to write such a run's merged model with --diffusers/--compvis.
 Every file is written atomically; the diffusers folder appears complete or not at all.
@@ -24,7 +27,7 @@ import shutil
 import sys
 import tempfile
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +36,7 @@ from omegaconf import OmegaConf
 
 from ldm.diffusion.schedules import NoiseSchedule
 from ldm.finetune.adapters import read_adapter, write_diffusers_lora
+from ldm.io import text_encoder
 from ldm.io.compvis import COND_STAGE_PREFIX, FIRST_STAGE_PREFIX, UNET_PREFIX, strip_prefix
 from ldm.io.convert import (
     autoencoder_to_diffusers,
@@ -40,26 +44,15 @@ from ldm.io.convert import (
     unet_to_diffusers,
     unet_to_diffusers_config,
 )
-from ldm.io.export import ExportError, read_export, save_tensors_atomic, write_text_atomic
-from ldm.io.load import backbone_config_of
-from ldm.nets.autoencoder import EncoderDecoderConfig
+from ldm.io.convert.dit import dit_to_diffusers_config, dit_to_diffusers_state_dict
+from ldm.io.export import ExportError, save_tensors_atomic, write_text_atomic
+from ldm.io.parts import LatentDiffusionParts, read_parts
+from ldm.io.text_encoder import TEXT_ENCODER_TARGET
 
-UNET_TARGET = "ldm.nets.unet.UNetModel"
-AUTOENCODER_TARGET = "ldm.nets.autoencoder.AutoencoderKL"
-TEXT_ENCODER_TARGET = "ldm.nets.conditioners.FrozenTextEncoder"
 DIFFUSERS_PREDICTION = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
 # CompVis names its schedules after what is linear in its code (its "linear" is SD's scaled_linear).
 COMPVIS_SCHEDULE = {"scaled_linear": "linear", "linear": "sqrt_linear", "cosine": "cosine"}
 DIFFUSERS_VERSION = "0.30.0"  # the config format written here is read by every diffusers since
-
-
-def _plain(node: Any) -> Any:
-    """A Hydra node without its ``_target_`` keys (recursively)."""
-    if isinstance(node, Mapping):
-        return {str(k): _plain(v) for k, v in node.items() if k != "_target_"}
-    if isinstance(node, (list, tuple)):
-        return [_plain(v) for v in node]
-    return node
 
 
 def _target_params(node: Any) -> Any:
@@ -71,42 +64,6 @@ def _target_params(node: Any) -> Any:
     if isinstance(node, (list, tuple)):
         return [_target_params(v) for v in node]
     return node
-
-
-@dataclass
-class LatentDiffusionParts:
-    """Everything a stage-2 export holds, in the terms the writers need."""
-
-    tensors: dict[str, torch.Tensor]
-    unet: dict[str, Any]  # UNetModel kwargs (transformer as a plain mapping)
-    ddconfig: EncoderDecoderConfig
-    embed_dim: int
-    scale_factor: float
-    schedule: dict[str, Any]  # NoiseSchedule kwargs
-    prediction: str
-    conditioner: dict[str, Any]  # the Hydra node
-    timestep_spacing: str
-    latent_size: int
-
-
-def read_parts(folder: str | Path) -> LatentDiffusionParts:
-    tensors, config, _ = read_export(folder, kind="ldm")
-    config = OmegaConf.to_container(config, resolve=True)
-    config["unet"] = backbone_config_of(config)
-    for part, target in (("unet", UNET_TARGET), ("autoencoder", AUTOENCODER_TARGET)):
-        if config[part].get("_target_") != target:
-            raise ExportError(f"{folder}: {part} is {config[part].get('_target_')}, only {target} can be exported")
-    autoencoder = _plain(config["autoencoder"])
-    ddconfig = EncoderDecoderConfig.from_mapping(autoencoder["ddconfig"])
-    objective = config["objective"]
-    image_size = (config.get("data") or {}).get("image_size")
-    scale = tensors.get("scale_factor", torch.tensor(float(config.get("scale_factor", 1.0))))
-    return LatentDiffusionParts(
-        tensors=tensors, unet=_plain(config["unet"]), ddconfig=ddconfig, embed_dim=int(autoencoder["embed_dim"]),
-        scale_factor=float(scale), schedule=_plain(objective["schedule"]), prediction=str(objective.get("prediction", "eps")),
-        conditioner=config["conditioner"], timestep_spacing=str((config.get("sampler") or {}).get("timestep_spacing", "leading")),
-        latent_size=int(image_size) // 2 ** (len(ddconfig.ch_mult) - 1) if image_size else 64,
-    )
 
 
 def _embedders(parts: LatentDiffusionParts) -> list[dict[str, Any]]:
@@ -131,9 +88,11 @@ def _check_prediction(parts: LatentDiffusionParts, fmt: str) -> None:
 # CompVis
 
 
-def original_config(parts: LatentDiffusionParts) -> dict[str, Any]:
-    """The original CompVis yaml (``LatentDiffusion``) of the model, as SD's v1/v2 inference yamls."""
-    _check_prediction(parts, "CompVis")
+def _original_backbone(parts: LatentDiffusionParts) -> dict[str, Any]:
+    """The yaml's ``unet_config``: CompVis' UNetModel, or (CompVis has no DiT) our DiT, whose state dict is the
+    official facebookresearch/DiT layout."""
+    if parts.dit:
+        return {"target": "ldm.nets.dit.DiT", "params": dict(parts.unet)}
     unet, spec = parts.unet, parts.unet.get("transformer")
     if spec is None:
         raise ExportError("CompVis' UNetModel always has attention in its middle block; this UNet has no transformers")
@@ -154,6 +113,15 @@ def original_config(parts: LatentDiffusionParts) -> dict[str, Any]:
         unet_params["num_classes"] = unet["num_classes"]
     if unet.get("adm_in_channels") is not None:
         unet_params.update(num_classes="sequential", adm_in_channels=unet["adm_in_channels"])
+    return {"target": "ldm.modules.diffusionmodules.openaimodel.UNetModel", "params": unet_params}
+
+
+def original_config(parts: LatentDiffusionParts) -> dict[str, Any]:
+    """The original CompVis yaml (``LatentDiffusion``) of the model, as SD's v1/v2 inference yamls."""
+    _check_prediction(parts, "CompVis")
+    unet = parts.unet
+    unet_config = _original_backbone(parts)
+    context_dim = unet.get("context_dim") if parts.dit else unet["transformer"].get("context_dim")
     params: dict[str, Any] = {"timesteps": parts.schedule.get("num_train_timesteps", 1000)}
     kind = parts.schedule.get("kind", "linear")
     if kind in COMPVIS_SCHEDULE and not parts.schedule.get("zero_terminal_snr"):
@@ -165,7 +133,7 @@ def original_config(parts: LatentDiffusionParts) -> dict[str, Any]:
         params["given_betas"] = _betas(parts).tolist()
     embedders = _embedders(parts)
     concat = unet["in_channels"] > parts.embed_dim
-    context = spec.get("context_dim") is not None and any(e.get("output", "context") != "vector" for e in embedders)
+    context = context_dim is not None and any(e.get("output", "context") != "vector" for e in embedders)
     adm = unet.get("num_classes") is not None or unet.get("adm_in_channels") is not None
     keys = {(True, True): "hybrid", (True, False): "crossattn", (False, True): "concat", (False, False): None}
     conditioning_key = keys[(context, concat)]
@@ -174,9 +142,9 @@ def original_config(parts: LatentDiffusionParts) -> dict[str, Any]:
     params.update(
         parameterization=parts.prediction, first_stage_key="image",
         cond_stage_key=embedders[0].get("input_key") if embedders else None, image_size=parts.latent_size,
-        channels=parts.embed_dim, cond_stage_trainable=any(k.startswith(COND_STAGE_PREFIX) for k in parts.tensors),
+        channels=parts.embed_dim, cond_stage_trainable=bool(_learned(parts)),
         conditioning_key=conditioning_key, scale_factor=parts.scale_factor, use_ema=False,
-        unet_config={"target": "ldm.modules.diffusionmodules.openaimodel.UNetModel", "params": unet_params},
+        unet_config=unet_config,
         first_stage_config={"target": "ldm.models.autoencoder.AutoencoderKL", "params": {
             "embed_dim": parts.embed_dim, "monitor": "val/rec_loss", "lossconfig": {"target": "torch.nn.Identity"},
             "ddconfig": {**asdict(parts.ddconfig), "ch_mult": list(parts.ddconfig.ch_mult),
@@ -192,7 +160,7 @@ def write_compvis(parts: LatentDiffusionParts, path: Path, yaml_path: Path | Non
         raise ExportError(f"--compvis must name a .safetensors file, got {path}")
     yaml_path = yaml_path or path.with_suffix(".yaml")
     yaml_text = OmegaConf.to_yaml(OmegaConf.create(original_config(parts)))  # fails before anything is written
-    save_tensors_atomic(path, parts.tensors)
+    save_tensors_atomic(path, text_encoder.compvis_tensors(parts.tensors))
     write_text_atomic(yaml_path, yaml_text)
     return path, yaml_path
 
@@ -223,25 +191,58 @@ def scheduler_config(parts: LatentDiffusionParts) -> dict[str, Any]:
     return config
 
 
-def conditioner_reference(parts: LatentDiffusionParts) -> dict[str, Any]:
-    """Which frozen encoders the UNet's context comes from (referenced by path or hub id, not shipped)."""
-    references = []
-    for embedder in _embedders(parts):
+def _learned(parts: LatentDiffusionParts) -> dict[str, torch.Tensor]:
+    """Learned conditioner parts (class embeddings), without a fine-tuned text tower (shipped as an encoder)."""
+    return {k: v for k, v in strip_prefix(parts.tensors, COND_STAGE_PREFIX).items()
+            if not (COND_STAGE_PREFIX + k).startswith(text_encoder.TUNED_PREFIX)}
+
+
+def _text_to_image(parts: LatentDiffusionParts) -> dict[str, Any] | None:
+    """The text embedder of a model StableDiffusionPipeline runs (text context alone, no concat, no classes)."""
+    embedder = text_encoder.text_embedder(_embedders(parts))
+    if embedder is None or parts.dit or parts.unet["in_channels"] != parts.embed_dim or parts.unet.get("num_classes") is not None:
+        return None
+    return embedder
+
+
+def conditioner_reference(parts: LatentDiffusionParts, shipped: bool = False) -> dict[str, Any]:
+    """Which encoders the UNet's context comes from: ``text_encoder`` (+ ``tokenizer``) of the folder itself when
+    ``shipped``, else a referenced path or hub id."""
+    references, conditioner = [], json.loads(json.dumps(parts.conditioner))
+    for embedder in conditioner.get("embedders") or []:
         if embedder.get("_target_") == TEXT_ENCODER_TARGET:
+            if shipped:  # the base encoder is no longer what the context comes from
+                embedder["pretrained"] = "text_encoder"
             references.append({k: embedder.get(k) for k in ("pretrained", "max_length", "layer", "input_key")})
-    learned = any(k.startswith(COND_STAGE_PREFIX) for k in parts.tensors)
-    return {"text_encoders": references, "conditioner": parts.conditioner,
-            "learned_weights": "conditioner.safetensors" if learned else None}
+            if shipped:
+                references[-1]["tokenizer"] = "tokenizer"
+    return {"text_encoders": references, "conditioner": conditioner,
+            "learned_weights": "conditioner.safetensors" if _learned(parts) else None}
 
 
-def model_index(parts: LatentDiffusionParts, reference: dict[str, Any]) -> dict[str, Any]:
+def _diffusers_backbone(parts: LatentDiffusionParts) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """({part: folder name, config: its config.json}, its weights) of the UNet or DiT."""
+    state = strip_prefix(parts.tensors, UNET_PREFIX)
+    if parts.dit:  # DiTPipeline: CFG with its hard-coded null class 1000 only fits a 1000-class (ImageNet) DiT
+        return ({"part": "transformer", "config": dit_to_diffusers_config(parts.unet)},
+                dit_to_diffusers_state_dict(state, parts.unet))
+    return ({"part": "unet", "config": unet_to_diffusers_config(parts.unet, parts.latent_size)},
+            unet_to_diffusers(state, parts.unet))
+
+
+def model_index(parts: LatentDiffusionParts, text_parts: dict[str, list[str]] | None) -> dict[str, Any]:
+    if parts.dit:
+        return {"_class_name": "DiTPipeline", "_diffusers_version": DIFFUSERS_VERSION,
+                "transformer": ["diffusers", "DiTTransformer2DModel"], "vae": ["diffusers", "AutoencoderKL"],
+                "scheduler": ["diffusers", "DDIMScheduler"]}
     index: dict[str, Any] = {"_diffusers_version": DIFFUSERS_VERSION, "vae": ["diffusers", "AutoencoderKL"],
                              "unet": ["diffusers", "UNet2DConditionModel"], "scheduler": ["diffusers", "DDIMScheduler"]}
-    text_only = len(_embedders(parts)) == 1 and len(reference["text_encoders"]) == 1
-    if text_only and parts.unet["in_channels"] == parts.embed_dim and parts.unet.get("num_classes") is None:
-        # A text-to-image model: StableDiffusionPipeline.from_pretrained(folder, text_encoder=..., tokenizer=...)
+    if _text_to_image(parts) is not None:
+        # StableDiffusionPipeline.from_pretrained(folder); without a shipped encoder (a hub id the export only
+        # references) the caller passes text_encoder= and tokenizer=
         index.update(_class_name="StableDiffusionPipeline", text_encoder=[None, None], tokenizer=[None, None],
                      safety_checker=[None, None], feature_extractor=[None, None], requires_safety_checker=False)
+        index.update(text_parts or {})
     return index
 
 
@@ -253,27 +254,32 @@ def write_diffusers(parts: LatentDiffusionParts, folder: Path, overwrite: bool =
     if folder.exists() and not overwrite:
         raise ExportError(f"{folder} exists; pass --overwrite to replace it")
     # Everything is converted before the first byte is written, so an inexpressible model leaves no trace.
-    unet_state = unet_to_diffusers(strip_prefix(parts.tensors, UNET_PREFIX), parts.unet)
+    backbone, backbone_state = _diffusers_backbone(parts)
     vae_state = autoencoder_to_diffusers(strip_prefix(parts.tensors, FIRST_STAGE_PREFIX), parts.ddconfig, parts.embed_dim)
     vae_config = autoencoder_to_diffusers_config(parts.ddconfig, parts.embed_dim, parts.scale_factor,
                                                  parts.latent_size * 2 ** (len(parts.ddconfig.ch_mult) - 1))
-    unet_config = unet_to_diffusers_config(parts.unet, parts.latent_size)
-    reference = conditioner_reference(parts)
+    embedder = _text_to_image(parts)
+    shipped = text_encoder.shipped_encoder(embedder, parts.tensors) if embedder is not None else None
+    if shipped is None and text_encoder.tuned_tower(parts.tensors):
+        raise ExportError("the text encoder was fine-tuned, but this model has no diffusers pipeline form "
+                          "(StableDiffusionPipeline: one text encoder, no class or concat conditioning)")
+    reference = conditioner_reference(parts, shipped is not None)
     files: dict[str, dict[str, Any]] = {
         "vae/config.json": {**vae_config, "_diffusers_version": DIFFUSERS_VERSION},
-        "unet/config.json": {**unet_config, "_diffusers_version": DIFFUSERS_VERSION},
+        f"{backbone['part']}/config.json": {**backbone["config"], "_diffusers_version": DIFFUSERS_VERSION},
         "scheduler/scheduler_config.json": scheduler_config(parts), "conditioner.json": reference,
     }
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
     try:
         save_tensors_atomic(staging / "vae" / "diffusion_pytorch_model.safetensors", vae_state)
-        save_tensors_atomic(staging / "unet" / "diffusion_pytorch_model.safetensors", unet_state)
+        save_tensors_atomic(staging / backbone["part"] / "diffusion_pytorch_model.safetensors", backbone_state)
         if reference["learned_weights"]:
-            save_tensors_atomic(staging / "conditioner.safetensors", strip_prefix(parts.tensors, COND_STAGE_PREFIX))
+            save_tensors_atomic(staging / "conditioner.safetensors", _learned(parts))
+        text_parts = text_encoder.write_pipeline_parts(shipped, staging) if shipped is not None else None
         for name, data in files.items():
             _write_json(staging / name, data)
-        _write_json(staging / "model_index.json", model_index(parts, reference))
+        _write_json(staging / "model_index.json", model_index(parts, text_parts))
         _swap_in(staging, folder)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

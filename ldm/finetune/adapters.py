@@ -23,6 +23,7 @@ import torch
 
 from ldm.finetune.lora import lora_pairs, merge_lora_state
 from ldm.io.convert import unet_key_map
+from ldm.io.convert.clip import is_clip_text, to_transformers4
 from ldm.io.export import ExportError, save_tensors_atomic, write_text_atomic
 
 ADAPTER_DIR = "lora"
@@ -38,15 +39,14 @@ def _strip(tensors: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.
 
 
 def split_lora_export(
-    tensors: Mapping[str, torch.Tensor], conditioner_state: Mapping[str, torch.Tensor],
-    unet_scale: float | None, text_scale: float | None,
+    tensors: Mapping[str, torch.Tensor], unet_scale: float | None, text_scale: float | None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """(export tensors with every adapter merged, the adapters alone).
 
-    ``tensors``: what ``export_tensors`` gives for a LoRA run (peft names inside ``model.diffusion_model.*``,
-    only the learned conditioner parameters inside ``cond_stage_model.*``). ``conditioner_state``: the live
-    conditioner's full state, whose text encoders are merged and shipped whole (they differ from the
-    referenced pretrained encoder now)."""
+    ``tensors``: what ``export_tensors`` gives for a LoRA run (EMA where averaged, gathered from FSDP shards):
+    peft names inside ``model.diffusion_model.*``, and inside ``cond_stage_model.*`` every embedder that trains,
+    whole: a text encoder's base and adapters, merged here and shipped whole (it differs from the referenced
+    pretrained encoder now)."""
     out = {k: v for k, v in tensors.items() if not k.startswith((UNET, COND))}
     adapters: dict[str, torch.Tensor] = {}
     unet = _strip(tensors, UNET)
@@ -57,11 +57,9 @@ def split_lora_export(
     out.update({UNET + k: v for k, v in unet.items()})
     cond = _strip(tensors, COND)
     if text_scale is not None:
-        lora = lora_pairs(conditioner_state)
+        lora = lora_pairs(cond)
         adapters.update({f"text_encoder.{m}.lora_{ab}.weight": w for m, pair in lora.items() for ab, w in zip("AB", pair)})
-        owners = {m.split(".transformer.")[0] + ".transformer." for m in lora}  # embedders.<i>.transformer.
-        merged = merge_lora_state({k: v for k, v in conditioner_state.items() if k.startswith(tuple(owners))}, text_scale)
-        cond = {k: v for k, v in cond.items() if ".lora_" not in k} | merged
+        cond = merge_lora_state(cond, text_scale)
     out.update({COND + k: v for k, v in cond.items()})
     leftover = [k for k in out if ".lora_" in k or ".base_layer." in k]
     if leftover:
@@ -89,6 +87,8 @@ def diffusers_lora_state(adapters: Mapping[str, torch.Tensor], info: Mapping[str
                          unet_kwargs: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     """Our adapters -> diffusers/peft names (``unet.<diffusers module>.lora_A.weight``), alpha / r folded into B."""
     names = unet_key_map(unet_kwargs)  # "<our module>.weight" -> "<diffusers module>.weight"
+    text_modules = [k.split(".transformer.", 1)[1] for k in adapters if k.startswith("text_encoder.")]
+    clip = is_clip_text(text_modules)
     out: dict[str, torch.Tensor] = {}
     scales = {"unet": info.get("unet_scale"), "text_encoder": info.get("text_encoder_scale")}
     for key, value in adapters.items():
@@ -100,6 +100,8 @@ def diffusers_lora_state(adapters: Mapping[str, torch.Tensor], info: Mapping[str
             target = names[f"{module}.weight"].removesuffix(".weight")
         else:
             target = module.split(".transformer.", 1)[1]  # the text model's own module path
+            if clip:  # transformers 5 names it without text_model.; SD pipelines' files (transformers 4) with it
+                target = next(iter(to_transformers4({target: None})))
         scale = scales[part] if leaf.startswith("B") else 1.0
         out[f"{part}.{target}.lora_{leaf}"] = (value.double() * float(scale)).to(value.dtype) if scale != 1.0 else value
     return out
@@ -115,6 +117,6 @@ def write_diffusers_lora(export: str | Path, out: str | Path, unet_kwargs: Mappi
     path = Path(out) / DIFFUSERS_LORA_WEIGHTS
     if path.exists() and not overwrite:
         raise ExportError(f"{path} exists; pass --overwrite to replace it")
-    # text_encoder.* keys use the encoder's own module paths: a CLIP text model's are the ones SD pipelines load
+    # text_encoder.* keys: the encoder's module paths, a CLIP tower's in the transformers-4 layout SD pipelines load
     save_tensors_atomic(path, diffusers_lora_state(adapters, info, unet_kwargs))
     return path

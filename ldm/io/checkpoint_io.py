@@ -125,10 +125,16 @@ OMITTED_HASH = "frozen_state_sha256"
 
 
 def tensors_hash(tensors: dict[str, torch.Tensor]) -> str:
+    """Of the whole tensors: a frozen part sharded by FSDP (a LoRA base) is gathered, so every rank must call it
+    (as on_save_checkpoint does), and the hash is the same whatever the world size."""
+    from torch.distributed.tensor import DTensor
+
     digest = hashlib.sha256()
     for name in sorted(tensors):
+        tensor = tensors[name].detach()
+        tensor = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
         digest.update(name.encode())
-        digest.update(tensors[name].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        digest.update(tensor.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 

@@ -95,16 +95,22 @@ def load_ldm_checkpoint(path: str | Path, device: str | torch.device = "cpu", us
     upgrade_checkpoint_keys(checkpoint)
     holder = torch.nn.Module()
     holder.model = model
-    ema_prefix = None
+    ema_prefix = ema_conditioner_prefix = None
     if cfg.stage.module.get("ema") is not None:
         # An EMA of a partly frozen backbone (LoRA) shares the frozen weights: they are the backbone's.
         ema_prefix, holder.ema = "ema.model.", torch.nn.Module()
         holder.ema.model = model.backbone
-    state = restore_frozen_state(checkpoint, holder, lambda: tensors_hash(model.frozen_state("model.", ema_prefix)))
+        if any(k.startswith("ema_conditioner.") for k in checkpoint["state_dict"]):  # a text encoder trained
+            ema_conditioner_prefix, holder.ema_conditioner = "ema_conditioner.model.", torch.nn.Module()
+            holder.ema_conditioner.model = model.conditioner
+    state = restore_frozen_state(checkpoint, holder, lambda: tensors_hash(
+        model.frozen_state("model.", ema_prefix, ema_conditioner_prefix)))
     load_state_strict(model, _split(state, "model."), str(path))
     ema = _split(state, "ema.model.")
     if use_ema and ema:
         load_state_strict(model.backbone, ema, str(path))
+        if ema_conditioner_prefix is not None:  # the averaged text encoder goes with the averaged backbone
+            load_state_strict(model.conditioner, _split(state, ema_conditioner_prefix), str(path))
     model.to(device).eval()
     info = {"config": OmegaConf.to_container(cfg, resolve=True), "meta": {"kind": "ldm"}, "source": str(path)}
     return model, info

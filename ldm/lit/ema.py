@@ -54,9 +54,9 @@ class EMA(nn.Module):
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         decay = self.current_decay()
-        if sharding.is_sharded(self.model):
-            # FSDP: both copies are sharded alike, so each rank averages its own shards, no communication.
-            sharding.reshard(self.model)
+        # FSDP: both copies are sharded alike (the backbone whole, a conditioner embedder by embedder), so each
+        # rank averages its own shards, no communication; a forward without backward left them gathered.
+        sharding.reshard(self.model)
         ema, live = dict(self.model.named_parameters()), dict(model.named_parameters())
         ema_params = [sharding.local(ema[n]) for n in self.averaged]
         live_params = [sharding.local(live[n].detach()) for n in self.averaged]

@@ -36,11 +36,15 @@ def lora_export(cfg: DictConfig, pl_module: pl.LightningModule, tensors: dict[st
         return tensors
     text = bool(OmegaConf.select(cfg, "finetune.train_text_encoder"))
     unet_scale, text_scale = _scale(cfg, "finetune.lora"), _scale(cfg, "finetune.text_encoder") if text else None
-    merged, adapters = split_lora_export(tensors, pl_module.model.conditioner.state_dict(), unet_scale, text_scale)
+    # Every tensor comes from export_tensors, which all ranks called (it gathers FSDP shards): nothing here
+    # communicates, so rank 0 alone may run it.
+    merged, adapters = split_lora_export(tensors, unet_scale, text_scale)
+    averaged = pl_module.ema is not None
     info = {"unet_scale": unet_scale, "text_encoder_scale": text_scale,
             "unet": OmegaConf.to_container(cfg.finetune.lora, resolve=True),
             "text_encoder": OmegaConf.to_container(cfg.finetune.text_encoder, resolve=True) if text else None,
             "base": OmegaConf.to_container(cfg.init, resolve=True) if cfg.get("init") is not None else None,
-            "ema": pl_module.ema is not None}
+            # which adapters are EMA averages (the text encoder's are whenever the UNet's are and it trains)
+            "ema": {"unet": averaged, "text_encoder": averaged and text}}
     write_adapter(folder, adapters, info)
     return merged

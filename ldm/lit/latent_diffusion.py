@@ -89,6 +89,9 @@ class LatentDiffusionModule(pl.LightningModule):
         self.noise_seed = int(noise_seed)
         # The EMA copy is taken before any compilation, so it stays a plain module.
         self.ema = EMA(model.backbone, ema) if ema is not None else None
+        # A text encoder that trains (LoRA adapters) is averaged too: the EMA UNet learned against the moving
+        # encoder, so validation, previews and exports pair it with the encoder's average, never the live one.
+        self.ema_conditioner = EMA(model.conditioner, ema) if ema is not None and text_encoder_trains(model) else None
         self.preview = preview or PreviewConfig()
         self.image_size: int | None = None
         self._preview_step = -1
@@ -101,9 +104,15 @@ class LatentDiffusionModule(pl.LightningModule):
     def sampling_backbone(self) -> nn.Module:
         return self.ema.model if self.ema is not None else self.model.backbone
 
+    def sampling_conditioner(self) -> nn.Module:
+        return self.ema_conditioner.model if self.ema_conditioner is not None else self.model.conditioner
+
     def sampler(self, use_ema: bool = True) -> LatentDiffusion:
-        """The model with the EMA backbone (``use_ema``), sharing conditioner and first stage."""
-        return self.model.with_backbone(self.sampling_backbone()) if use_ema and self.ema is not None else self.model
+        """The model with the EMA backbone (``use_ema``) and the EMA conditioner where its text encoder trains,
+        sharing the first stage."""
+        if not use_ema or self.ema is None:
+            return self.model
+        return self.model.with_backbone(self.sampling_backbone(), self.sampling_conditioner())
 
     # --- training ---------------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -125,9 +134,11 @@ class LatentDiffusionModule(pl.LightningModule):
         if self.ema is not None:
             sharding.shard_module(self.ema.model, data_parallel, units)
         # Learned conditioning (class embeddings) must be sharded too: FSDP reduces only its own gradients.
-        for embedder in self.model.conditioner.embedders:
+        copies = [self.ema_conditioner.model.embedders] if self.ema_conditioner is not None else []
+        for i, embedder in enumerate(self.model.conditioner.embedders):
             if any(p.requires_grad for p in embedder.parameters()):
-                sharding.shard_module(embedder, data_parallel, ())
+                for owner in (embedder, *(c[i] for c in copies)):  # the EMA copy alike: averaged shard by shard
+                    sharding.shard_module(owner, data_parallel, ())
 
     def setup(self, stage: str) -> None:
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
@@ -176,6 +187,8 @@ class LatentDiffusionModule(pl.LightningModule):
         # None) left the weights alone, so the EMA must not count it either.
         if self.ema is not None and any(p.grad is not None for p in self.model.backbone.parameters()):
             self.ema.update(self.model.backbone)
+            if self.ema_conditioner is not None:
+                self.ema_conditioner.update(self.model.conditioner)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         every = self.preview.every_n_steps
@@ -186,7 +199,7 @@ class LatentDiffusionModule(pl.LightningModule):
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         # The same noise and timesteps at every validation, so the curve shows the model, not the draw.
         generator = torch.Generator(device=self.device).manual_seed(10_000 + batch_idx)
-        per_sample, _ = self.model.loss(batch, generator=generator, backbone=self.sampling_backbone())
+        per_sample, _ = self.sampler().loss(batch, generator=generator)
         # Synced: the checkpoint monitor must see every rank's share of the validation set, not rank 0's.
         self.log("val/loss", per_sample.mean(), prog_bar=True, batch_size=per_sample.shape[0], sync_dist=True)
         if self.ema is not None:
@@ -214,7 +227,9 @@ class LatentDiffusionModule(pl.LightningModule):
     def frozen_state(self) -> dict[str, torch.Tensor]:
         """State of the parts that never train: the first stage and frozen conditioner encoders. Rebuilt from
         their source on resume instead of stored in every checkpoint (about 1 GB at SD-1.5 size)."""
-        return self.model.frozen_state(prefix="model.", ema_prefix="ema.model." if self.ema is not None else None)
+        return self.model.frozen_state(prefix="model.", ema_prefix="ema.model." if self.ema is not None else None,
+                                       ema_conditioner_prefix="ema_conditioner.model."
+                                       if self.ema_conditioner is not None else None)
 
     def frozen_fingerprint(self) -> str:
         if self._frozen_hash is None:  # frozen: hashed once per run
@@ -249,11 +264,18 @@ class LatentDiffusionModule(pl.LightningModule):
         under FSDP (the shards are gathered): every rank must call it."""
         model = self.model
         tensors = {f"model.diffusion_model.{k}": v for k, v in sharding.full_state_dict(self.sampling_backbone()).items()}
-        # Frozen pretrained encoders are referenced by their config, not copied: only learned parts ship.
-        learned = {n for n, p in model.conditioner.named_parameters() if p.requires_grad}
-        conditioner = sharding.full_state_dict(model.conditioner)
-        tensors.update({f"cond_stage_model.{k}": v for k, v in conditioner.items() if k in learned})
+        # Frozen pretrained encoders are referenced by their config, not copied: only embedders that train ship,
+        # whole (a LoRA'd text encoder with its base, merged by the LoRA export), averaged where the EMA has them.
+        trained = tuple(f"embedders.{i}." for i, e in enumerate(model.conditioner.embedders)
+                        if any(p.requires_grad for p in e.parameters()))
+        conditioner = sharding.full_state_dict(self.sampling_conditioner())
+        tensors.update({f"cond_stage_model.{k}": v for k, v in conditioner.items() if trained and k.startswith(trained)})
         tensors.update({f"first_stage_model.{k}": v for k, v in model.first_stage.autoencoder.state_dict().items()})
         tensors["scale_factor"] = model.first_stage.scale_factor.detach().clone()
         return tensors
 
+
+def text_encoder_trains(model: LatentDiffusion) -> bool:
+    """Whether an embedder that encodes prompts has parameters that train (finetune.train_text_encoder)."""
+    return any(getattr(e, "takes_prompts", False) and any(p.requires_grad for p in e.parameters())
+               for e in model.conditioner.embedders)

@@ -66,15 +66,19 @@ class LatentDiffusion(nn.Module):
         self.first_stage = first_stage
         self.objective = objective
 
-    def with_backbone(self, backbone: nn.Module) -> LatentDiffusion:
-        """The same model with another backbone of the same shape (the EMA copy), sharing everything else."""
-        return LatentDiffusion(backbone, self.conditioner, self.first_stage, self.objective)
+    def with_backbone(self, backbone: nn.Module, conditioner: nn.Module | None = None) -> LatentDiffusion:
+        """The same model with another backbone of the same shape (the EMA copy), and, where given, another
+        conditioner (the EMA copy of a fine-tuned text encoder's), sharing everything else."""
+        return LatentDiffusion(backbone, conditioner if conditioner is not None else self.conditioner,
+                               self.first_stage, self.objective)
 
-    def frozen_state(self, prefix: str = "", ema_prefix: str | None = None) -> dict[str, torch.Tensor]:
+    def frozen_state(self, prefix: str = "", ema_prefix: str | None = None,
+                     ema_conditioner_prefix: str | None = None) -> dict[str, torch.Tensor]:
         """The tensors that never train: the first stage, frozen conditioner encoders and frozen backbone weights
         (a LoRA base, a freeze list's rest), keys with ``prefix``. Checkpoints leave them out and take them from
         their source (an export, pretrained weights) on load. ``ema_prefix``: also the EMA copy's names of the
-        frozen backbone weights, which an EMA of a partly frozen backbone shares instead of copying."""
+        frozen backbone weights, which an EMA of a partly frozen backbone shares instead of copying;
+        ``ema_conditioner_prefix``: alike for the EMA copy of a conditioner whose text encoder trains."""
         trainable = {f"conditioner.{n}" for n, p in self.conditioner.named_parameters() if p.requires_grad}
         frozen_backbone = {f"backbone.{n}" for n, p in self.backbone.named_parameters() if not p.requires_grad}
         state = self.state_dict()
@@ -83,6 +87,9 @@ class LatentDiffusion(nn.Module):
                   or (k.startswith("conditioner.") and k not in trainable)}
         if ema_prefix is not None:
             frozen.update({ema_prefix + k.removeprefix("backbone."): state[k] for k in frozen_backbone})
+        if ema_conditioner_prefix is not None:
+            frozen.update({ema_conditioner_prefix + k.removeprefix("conditioner."): v for k, v in state.items()
+                           if k.startswith("conditioner.") and k not in trainable})
         return frozen
 
     @property

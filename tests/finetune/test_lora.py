@@ -16,7 +16,7 @@ from tiny_sd import compvis, diffusers_init, stage2
 from torch.utils.data import DataLoader
 
 from ldm.export_cli import main as export_main
-from ldm.finetune.adapters import DIFFUSERS_LORA_WEIGHTS
+from ldm.finetune.adapters import DIFFUSERS_LORA_WEIGHTS, read_adapter
 from ldm.finetune.lora import LoraSpec, apply_lora, merge_lora_state
 from ldm.finetune.wiring import configure
 from ldm.io.load import load_ldm, load_ldm_export
@@ -49,9 +49,13 @@ def test_a_lora_step_changes_only_lora_tensors(tiny, compose_cfg, tmp_path):
     lora = {k for k in before if ".lora_" in k}
     assert lora and all(".lora_" in n for n, p in module.named_parameters() if p.requires_grad)
     changed = {k for k in before if not torch.equal(before[k], after[k])}
-    assert changed - lora == {"ema.num_updates"}  # the base (UNet, EMA base, VAE, text encoder) is bitwise intact
+    # the base (UNet, EMA base, VAE, text encoder) is bitwise intact
+    assert changed - lora == {"ema.num_updates", "ema_conditioner.num_updates"}
     assert any("model.backbone." in k and "lora_B" in k for k in changed) and any("conditioner." in k for k in changed)
     assert any(k.startswith("ema.model.") and "lora_B" in k for k in changed)  # EMA over the LoRA parameters
+    assert any(k.startswith("ema_conditioner.model.") and "lora_B" in k for k in changed)  # text encoder's too
+    sampler = module.sampler()  # validation, previews and exports: EMA UNet with EMA text encoder
+    assert sampler.backbone is module.ema.model and sampler.conditioner is module.ema_conditioner.model
     optimized = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}
     assert optimized == {id(p) for p in module.parameters() if p.requires_grad}
     # the EMA copy shares the frozen base instead of holding a second one
@@ -68,7 +72,7 @@ def lora_run(tiny, compose_cfg, tmp_path_factory) -> Path:
 
 def test_checkpoint_holds_only_trainable_state_and_resumes_bit_for_bit(lora_run, tiny, compose_cfg, tmp_path):
     ckpt = load(lora_run / "checkpoints" / "last.ckpt")
-    assert all(".lora_" in k for k in ckpt["state_dict"] if k != "ema.num_updates")
+    assert all(".lora_" in k for k in ckpt["state_dict"] if not k.endswith("num_updates"))
     assert ckpt["finetune_base"] == {"init": {"format": "compvis", "path": str(tiny / "sd.safetensors")}, "finetune": "lora"}
     assert any(".base_layer." in k for k in ckpt["frozen_state_omitted"])
     overrides = stage2(tiny, *compvis(tiny), *LORA)
@@ -109,6 +113,21 @@ def test_text_encoder_adapters_are_merged_into_the_export(lora_run):
     assert Path(encoder_path).is_dir()
     moved = [k for k, v in base.state_dict().items() if not torch.equal(v, encoder.transformer.state_dict()[k])]
     assert moved and all("_proj" in k for k in moved)
+
+
+def test_text_encoder_adapters_are_averaged_like_the_unet_and_exported_averaged(lora_run):
+    """Issue 24 item 3: the EMA UNet is paired with EMA text-encoder adapters in validation, previews and exports."""
+    state = load(lora_run / "checkpoints" / "last.ckpt")["state_dict"]
+    live = {k.removeprefix("model.conditioner."): v for k, v in state.items() if k.startswith("model.conditioner.")}
+    ema = {k.removeprefix("ema_conditioner.model."): v for k, v in state.items() if k.startswith("ema_conditioner.model.")}
+    assert live and ema.keys() == live.keys() and all(".lora_" in k for k in live)
+    assert any(not torch.equal(ema[k], live[k]) for k in live)  # averaged, not copied
+    adapters, info = read_adapter(lora_run / "export")
+    text = {k: v for k, v in adapters.items() if k.startswith("text_encoder.")}
+    assert text and info["ema"] == {"unet": True, "text_encoder": True}
+    for key, value in text.items():  # text_encoder.<module>.lora_A.weight <- <module>.lora_A.default.weight
+        module, _, leaf = key.removeprefix("text_encoder.").rpartition(".lora_")
+        assert torch.equal(value, ema[f"{module}.lora_{leaf[0]}.default.weight"]), key
 
 
 def test_merge_equals_peft_forward_and_unknown_targets_are_named():

@@ -43,7 +43,7 @@ def tokenizer_and_text_model():
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     vocab = {t: i for i, t in enumerate(["<|startoftext|>", "<|endoftext|>", *CHARS, *[c + "</w>" for c in CHARS]])}
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=[])
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)  # CLIP's; pipelines pad to it
     config = CLIPTextConfig(vocab_size=len(vocab), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                             num_attention_heads=1, max_position_embeddings=77, bos_token_id=0, eos_token_id=1,
                             pad_token_id=1)
@@ -69,7 +69,13 @@ def build(folder: Path, prediction: str = "epsilon") -> dict:
     for name, part in (("unet", unet), ("vae", vae), ("text_encoder", text_model), ("tokenizer", tokenizer),
                        ("scheduler", scheduler)):
         part.save_pretrained(pipe / name)
-    (pipe / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    # what StableDiffusionPipeline.save_pretrained writes, so that from_pretrained(folder) reads it alone
+    (pipe / "model_index.json").write_text(json.dumps({
+        "_class_name": "StableDiffusionPipeline", "_diffusers_version": diffusers.__version__,
+        "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+        "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+        "scheduler": ["diffusers", "DDPMScheduler"], "safety_checker": [None, None],
+        "feature_extractor": [None, None], "requires_safety_checker": False}))
     tokenizer.save_pretrained(folder / "tokenizer")
 
     kwargs = unet_from_diffusers_config(dict(unet.config))
