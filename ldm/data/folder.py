@@ -151,6 +151,10 @@ class ImageFolderDataModule(ImageDataModule):
         self.image_size = image_size
         self.channels = self.train_transform.channels
 
+    @property
+    def metrics_reference(self) -> str:
+        return str(self.root)
+
     def setup(self, stage: str | None = None) -> None:
         if self.train_dataset is not None:
             return
