@@ -213,6 +213,14 @@ def test_unreadable_samples_are_counted_over_all_loader_workers(tmp_path):
         list(datamodule(out, num_workers=2, max_corrupt_fraction=0.2).train_dataloader())
 
 
+def test_example_captions_are_distinct_seeded_captions_of_the_shards(shards):
+    """What a text model's previews draw when no prompts are configured (read in the main process, before any
+    loader worker exists)."""
+    dm = datamodule(shards, val_path=str(shards))
+    assert sorted(dm.example_captions(4, 0)) == ["digit 0", "digit 1"]  # the only two captions there are
+    assert dm.example_captions(1, 0) == dm.example_captions(1, 0)
+
+
 def checkpoint_state(path: Path) -> dict[str, torch.Tensor]:
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     flat = {f"model.{k}": v for k, v in ckpt["state_dict"].items()}
