@@ -72,12 +72,20 @@ def read_prompts(cfg: DictConfig) -> list[str] | None:
     return [str(p) for p in (cfg.prompts if isinstance(cfg.prompts, ListConfig) else [cfg.prompts])]
 
 
+def samples_per_condition(cfg: DictConfig) -> int:
+    try:
+        n = int(cfg.n)
+    except (TypeError, ValueError):
+        raise ConfigError(f"n={cfg.n!r} is not a whole number: set n to the samples per condition (e.g. n=16)") from None
+    if n < 1:
+        raise ConfigError(f"n must be >= 1, got {n}")
+    return n
+
+
 def build_conditions(cfg: DictConfig, model: LatentDiffusion) -> dict[str, Any]:
     """n samples per label or per prompt, condition-major (the model's conditioner makes the inputs);
     unconditional when neither applies."""
-    n = int(cfg.n)
-    if n < 1:
-        raise ConfigError(f"n must be >= 1, got {n}")
+    n = samples_per_condition(cfg)
     conditioner = model.conditioner
     prompts = read_prompts(cfg)
     if conditioner.takes_prompts and not prompts:
@@ -150,6 +158,7 @@ def sampling_guidance(cfg: DictConfig, model: LatentDiffusion, model_path: Path)
 def run(cfg: DictConfig) -> dict[str, Any]:
     from ldm.io.load import load_ldm
 
+    samples_per_condition(cfg)  # before the model loads: a typo should not wait for it
     model_path = Path(str(cfg.model_path))
     sampler, info = load_ldm(model_path, "cuda" if torch.cuda.is_available() else "cpu", bool(cfg.use_ema))
     sampler_cfg = OmegaConf.to_container(cfg.sampler) if cfg.get("sampler") else dict(info["config"]["sampler"])

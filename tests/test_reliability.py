@@ -81,13 +81,13 @@ def ldm_straight(vae_straight, tmp_path_factory, compose_cfg):
 
 
 class SignalAtStep(pl.Callback):
-    """Sends this process ``signum`` once ``step`` optimizer steps are done (a preemption mid-interval)."""
+    """Sends this process ``signum`` while optimizer step ``step`` runs (a preemption mid-interval)."""
 
     def __init__(self, step: int, signum: int) -> None:
         self.step, self.signum = step, signum
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.global_step == self.step:
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step - 1:
             os.kill(os.getpid(), self.signum)
 
 
@@ -125,6 +125,36 @@ def test_stage2_preempted_at_step_3_then_resumed_equals_straight(ldm_straight, v
     assert_same_training_state(ldm_straight / "checkpoints" / "last.ckpt", tmp_path / "checkpoints" / "last.ckpt")
 
 
+class SignalAfterMicroBatch(pl.Callback):
+    """Sends this process ``signum`` once micro-batch ``batch_idx`` is done (mid-step under gradient accumulation)."""
+
+    def __init__(self, batch_idx: int, signum: int) -> None:
+        self.batch_idx, self.signum = batch_idx, signum
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if batch_idx == self.batch_idx:
+            os.kill(os.getpid(), self.signum)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
+def test_preempted_between_accumulated_micro_batches_then_resumed_equals_straight(vae_straight, compose_cfg, tmp_path,
+                                                                                 monkeypatch, signum):
+    """accumulate_grad_batches=2, the signal after micro-batch 5 (the first half of step 3): the run finishes step 3
+    (its accumulated gradients are in no checkpoint), writes last.ckpt there, and the resumed run equals the straight
+    one bit for bit."""
+    overrides = [*ldm_overrides(vae_straight / "export"), "trainer.accumulate_grad_batches=2"]
+    train(compose_cfg(overrides, tmp_path / "straight"))
+    with monkeypatch.context() as patch:
+        with_extra_callback(patch, SignalAfterMicroBatch(4, signum))
+        with pytest.raises(SIGTERMException):
+            train(compose_cfg(overrides, tmp_path / "preempted"))
+    preempted = load(tmp_path / "preempted" / "checkpoints" / "last.ckpt")
+    assert preempted["global_step"] == 3
+    train(compose_cfg([*overrides, "ckpt_path=last"], tmp_path / "preempted"))
+    assert_same_training_state(tmp_path / "straight" / "checkpoints" / "last.ckpt",
+                               tmp_path / "preempted" / "checkpoints" / "last.ckpt")
+
+
 def test_same_seed_and_settings_give_the_same_training_curve(ldm_straight, vae_straight, compose_cfg, tmp_path):
     train(compose_cfg(ldm_overrides(vae_straight / "export"), tmp_path))
 
@@ -160,7 +190,7 @@ def test_requeue_signals_are_noted_for_the_next_step_boundary_and_handlers_resto
     monkeypatch.setenv("SLURM_NTASKS", "1")  # the same under SLURM: Lightning's mid-step SLURM handler is replaced
     callback.on_fit_start(None, None)
     for signum in (signal.SIGUSR1, signal.SIGUSR2):
-        assert signal.getsignal(signum) == callback._on_requeue_signal
+        assert signal.getsignal(signum) == callback._on_signal
     os.kill(os.getpid(), signal.SIGUSR2)
     assert callback._requested == signal.SIGUSR2  # only noted: nothing is written from inside the handler
     assert not any(tmp_path.iterdir())

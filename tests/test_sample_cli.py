@@ -212,3 +212,17 @@ def test_a_checkpoint_loads_with_its_run_config_and_one_of_another_model_is_refu
     OmegaConf.save(config, other / "config.yaml")
     with pytest.raises(ExportError, match=r"do not fit LatentDiffusion(.|\n)*shape of backbone.input_blocks.0.0.weight: checkpoint \(32, 3, 3, 3\) vs model \(64"):
         load_ldm(other / "checkpoints" / "last.ckpt")
+
+
+def test_a_sample_count_that_is_not_a_number_names_the_key(tmp_path):
+    """`ldm-sample n=abc` is refused in one line naming n, before any model is loaded."""
+    import os
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-W", "ignore", "-m", "ldm.sample", f"model_path={tmp_path / 'none'}",
+                             "n=abc", f"out_dir={tmp_path / 'out'}", f"paths.root_dir={tmp_path}"],
+                            capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "HYDRA_FULL_ERROR": "0", "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("ldm-sample: error: n='abc' is not a whole number"), result.stderr

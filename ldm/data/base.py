@@ -242,6 +242,19 @@ class ResumableDataLoader(DataLoader):
             self.generator.set_state(state["generator_state"])
 
 
+def seeded_captions(caption_of: Callable[[int], str], size: int, count: int, seed: int) -> list[str]:
+    """Up to ``count`` distinct non-empty captions ``caption_of(i)`` of a seeded random order of ``0..size-1``, reading
+    at most ``8 x count`` items (a set with few distinct captions, e.g. one instance prompt, is not read whole)."""
+    captions: list[str] = []
+    for index in np.random.default_rng(seed).permutation(size)[: 8 * count]:
+        caption = str(caption_of(int(index)))
+        if caption and caption not in captions:
+            captions.append(caption)
+            if len(captions) == count:
+                break
+    return captions
+
+
 def stratified_split(
     labels: np.ndarray | Sequence[int], val_fraction: float, seed: int
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -296,6 +309,20 @@ class ImageDataModule(LightningDataModule):
         # The batch keys the model's conditioning reads (set by ldm-train from `conditioner.batch_keys`);
         # None carries every key the data has.
         self.condition_keys: tuple[str, ...] | None = None
+
+    @property
+    def metrics_reference(self) -> str | None:
+        """The real images sample metrics compare with (``ldm-evaluate``'s ``reference``): ``mnist5k`` for the data
+        the digit judge knows, else None (a subclass that has them on disk names its folder)."""
+        return "mnist5k" if self.judge == "mnist5k" else None
+
+    def example_captions(self, count: int, seed: int) -> list[str]:
+        """Up to ``count`` distinct captions of the validation data (of the training data without one), chosen by
+        ``seed``: the prompts a text model's previews show when none are configured. Empty without captions."""
+        dataset = self.val_dataset if self.val_dataset is not None and len(self.val_dataset) else self.train_dataset
+        if not self.has_captions or dataset is None:
+            return []
+        return seeded_captions(lambda i: dataset[i]["caption"], len(dataset), count, seed)
 
     def train_dataloader(self) -> DataLoader:
         dataset = self._require(self.train_dataset, "train")

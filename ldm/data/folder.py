@@ -81,7 +81,11 @@ class ImageFolderDataModule(ImageDataModule):
         prior_root: a second folder of prior-preservation images (the class the instances belong to, e.g. made
             by the base model itself), captioned ``prior_prompt`` (or their own captions when it is null).
         prior_weight: prior images per instance image in each epoch (DreamBooth's lambda): the smaller set is
-            repeated so that every image of both is seen and the ratio holds. Validation uses ``root`` only.
+            repeated so that every image of both is seen and the ratio holds.
+
+    Validation holds out ``val_fraction`` of ``root``'s images, except for a DreamBooth set (``instance_prompt``),
+    whose images all train: ``val_fraction`` of the prior images are held out instead (none without
+    ``prior_root``, and then no validation runs).
     """
 
     def __init__(
@@ -147,6 +151,10 @@ class ImageFolderDataModule(ImageDataModule):
         self.image_size = image_size
         self.channels = self.train_transform.channels
 
+    @property
+    def metrics_reference(self) -> str:
+        return str(self.root)
+
     def setup(self, stage: str | None = None) -> None:
         if self.train_dataset is not None:
             return
@@ -171,36 +179,50 @@ class ImageFolderDataModule(ImageDataModule):
         self.class_names = class_names
         self.has_captions = captions is not None
 
-        train_idx, val_idx = stratified_split(
-            labels if labels is not None else np.zeros(len(files), np.int64), self.val_fraction, self.seed
-        )
+        if self.instance_prompt is not None:
+            # A DreamBooth set is a handful of images of one subject, every one of which must train (Ruiz et al.
+            # hold none out); validation comes from the prior images, if any (see _with_prior).
+            train_idx, val_idx = np.arange(len(files), dtype=np.int64), np.zeros(0, np.int64)
+        else:
+            train_idx, val_idx = stratified_split(
+                labels if labels is not None else np.zeros(len(files), np.int64), self.val_fraction, self.seed
+            )
         if len(train_idx) == 0:
             raise ValueError(f"{where} has {len(files)} readable images, too few to train on; add images")
         if self.prior_root is not None:
-            files, captions, train_idx = self._with_prior(files, captions or [""] * len(files), train_idx)
+            files, captions, train_idx, val_idx = self._with_prior(files, captions or [""] * len(files), train_idx,
+                                                                   val_idx)
         self.train_dataset = self._subset(files, labels, captions, train_idx, self.train_transform)
         self.val_dataset = (
             self._subset(files, labels, captions, val_idx, self.val_transform) if len(val_idx) else None
         )
 
-    def _with_prior(self, files: list[Path], captions: list[str], train_idx: np.ndarray):
-        """Files and captions extended by the prior folder, and a training index list that repeats the smaller
-        side so that prior images number ``prior_weight`` x instance images, each image seen at least once."""
+    def _with_prior(self, files: list[Path], captions: list[str], train_idx: np.ndarray, val_idx: np.ndarray):
+        """Files and captions extended by the prior folder, a training index list that repeats the smaller side so
+        that prior images number ``prior_weight`` x instance images, each image seen at least once, and the
+        validation indices: ``val_idx`` of root, or with ``instance_prompt`` (no instance held out) ``val_fraction``
+        of the prior images."""
         prior, sidecars = scan_image_files(self.prior_root, self.scan.extensions)
         if not prior:
             raise ValueError(f"no image files found under prior_root={self.prior_root}")
         prior = drop_unreadable(prior, self.val_transform, self.scan, self.seed, str(self.prior_root))
+        if self.buckets is not None:  # the prior images take their own buckets, after the instances'
+            prior, sizes = read_sizes(prior, self.scan, str(self.prior_root))
+            self.bucket_ids = np.concatenate([self.bucket_ids, assign_buckets(sizes, self.bucket_resolutions)])
         if self.prior_prompt is not None:
             prior_captions = [self.prior_prompt] * len(prior)
         else:
             prior_captions = collect_captions(self.prior_root, prior, sidecars) or [""] * len(prior)
+        prior_train, prior_val = np.arange(len(prior), dtype=np.int64), np.zeros(0, np.int64)
+        if self.instance_prompt is not None:
+            prior_train, prior_val = stratified_split(np.zeros(len(prior), np.int64), self.val_fraction, self.seed)
         instances = len(train_idx)
         # n_inst instance draws and n_prior = weight * n_inst prior draws, both covering their whole set
-        n_inst = max(instances, int(np.ceil(len(prior) / self.prior_weight)))
-        n_prior = max(len(prior), int(round(self.prior_weight * n_inst)))
+        n_inst = max(instances, int(np.ceil(len(prior_train) / self.prior_weight)))
+        n_prior = max(len(prior_train), int(round(self.prior_weight * n_inst)))
         offset = len(files)
-        index = np.concatenate([np.resize(train_idx, n_inst), offset + np.resize(np.arange(len(prior)), n_prior)])
-        return [*files, *prior], [*captions, *prior_captions], index
+        index = np.concatenate([np.resize(train_idx, n_inst), offset + np.resize(prior_train, n_prior)])
+        return [*files, *prior], [*captions, *prior_captions], index, np.concatenate([val_idx, offset + prior_val])
 
     def _subset(
         self,

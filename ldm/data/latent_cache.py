@@ -34,7 +34,8 @@ from ldm.io.export import atomic_path, save_tensors_atomic, write_text_atomic
 # 2: condition keys are the model's (conditioner.batch_keys): numeric ones as "cond.<key>" tensors.
 CACHE_VERSION = 2
 COND_PREFIX = "cond."
-METADATA = ("image_size", "channels", "num_classes", "class_names", "has_captions", "batch_size", "seed")
+METADATA = ("image_size", "channels", "num_classes", "class_names", "has_captions", "batch_size", "seed",
+            "metrics_reference")
 
 
 def weights_hash(module: torch.nn.Module) -> str:
@@ -141,12 +142,25 @@ def write_concatenated(path: Path, parts: list[Path]) -> None:
                 f.write(np.ascontiguousarray(m[name]).tobytes())
 
 
+def refuse_uncacheable(datamodule: LightningDataModule) -> None:
+    """Data options the cache cannot honour, refused before anything is encoded."""
+    if getattr(datamodule, "buckets", None) is not None:
+        # The cache holds one square latent size per split, and its loader batches without buckets.
+        raise ValueError("stage.latent_cache=true cannot cache data.buckets (its latents are of one square size and "
+                         "its batches ignore buckets): set stage.latent_cache=false, or data.buckets=null")
+    if dict(getattr(datamodule, "hparams", {})).get("random_crop"):
+        raise ValueError("stage.latent_cache=true encodes each image once, so with data.random_crop=true every epoch "
+                         "would train on epoch 0's crop: set data.random_crop=false (flips are cached), or "
+                         "stage.latent_cache=false")
+
+
 class LatentCacheDataModule(LightningDataModule):
     """Wraps an image DataModule; serves cached posterior moments instead of images."""
 
     def __init__(self, datamodule: LightningDataModule, first_stage: Any, cache_dir: str | Path,
                  keys: Sequence[str] | None = None) -> None:
         super().__init__()
+        refuse_uncacheable(datamodule)
         # the condition keys the model reads (conditioner.batch_keys); None: every key the data has
         self.keys = None if keys is None else tuple(keys)
         self.datamodule = datamodule
@@ -175,6 +189,9 @@ class LatentCacheDataModule(LightningDataModule):
         }
         self.train_dataset = self._load_or_build("train", self.datamodule.train_dataset, ae_hash, description, flips, seed)
         self.val_dataset = self._load_or_build("val", self.datamodule.val_dataset, ae_hash, description, False, seed)
+
+    def example_captions(self, count: int, seed: int) -> list[str]:
+        return self.datamodule.example_captions(count, seed)
 
     def cache_path(self, split: str, dataset: Dataset, ae_hash: str, description: dict[str, Any]) -> Path:
         key = f"{split}-{dataset_fingerprint(dataset, {**description, 'split': split})}-{ae_hash}"

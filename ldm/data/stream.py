@@ -23,13 +23,14 @@ import io
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
 
-from ldm.data.base import sample_seed
+from ldm import distributed
+from ldm.data.base import sample_seed, seeded_captions
 from ldm.data.image_files import ImageTransform, UnreadableImageWarning, check_corrupt_fraction
 from ldm.data.shards import ShardError, read_index
 
@@ -69,12 +70,21 @@ class SampleDecoder:
         return example
 
 
+class Unreadable(NamedTuple):
+    """A sample whose image would not decode (it stands in the batch until the collate fills its slot)."""
+
+    id: int
+    key: str
+    error: str
+
+
 def _streaming_dataset_class():
     from litdata import StreamingDataset
 
     class ShardDataset(StreamingDataset):
-        """litdata's dataset, decoding each sample; an unreadable one becomes None (filled in by the collate)
-        and is counted in ``unreadable`` (per process: each DataLoader worker keeps its own tally)."""
+        """litdata's dataset, decoding each sample; an unreadable one becomes an :class:`Unreadable` (its slot is
+        filled by the collate), counted in ``unreadable`` by the loader in the main process, over all its workers
+        (a worker's copy of the dataset sees only its own samples)."""
 
         def __init__(self, path: str, decoder: SampleDecoder, num_samples: int, max_corrupt_fraction: float,
                      **kwargs: Any) -> None:
@@ -82,6 +92,7 @@ def _streaming_dataset_class():
             self.decoder, self.num_samples = decoder, num_samples
             self.max_corrupt_fraction, self.where = max_corrupt_fraction, path
             self.unreadable: dict[int, str] = {}
+            self.delivered = 0
 
         @property
         def num_skipped(self) -> int:
@@ -102,17 +113,22 @@ def _streaming_dataset_class():
                 raise ShardError(f"the shards in {self.where} have no field {error}: they were written by another "
                                  "ldm-prepare setting; run ldm-prepare again (see ldm/data/shards.py)") from None
             except Exception as error:  # noqa: BLE001 - image plugins raise many types (OSError, SyntaxError...)
-                self._record_unreadable(raw, error)
-                return None
+                return Unreadable(int(raw["id"]), str(raw.get("key")), f"{type(error).__name__}: {error}")
 
-        def _record_unreadable(self, raw: dict[str, Any], error: Exception) -> None:
-            self.unreadable[int(raw["id"])] = str(raw.get("key"))
-            skipped, first_few = len(self.unreadable), list(self.unreadable.values())[:_FIRST_FEW]
-            check_corrupt_fraction(skipped, self.num_samples, self.max_corrupt_fraction, self.where, first_few)
-            if skipped & (skipped - 1) == 0:  # warn at 1, 2, 4, 8, ...
-                warnings.warn(f"skipped {skipped} unreadable image{'s' if skipped != 1 else ''} in {self.where} so "
-                              f"far (first few: {first_few}); latest error: {type(error).__name__}: {error}",
-                              UnreadableImageWarning, stacklevel=2)
+        def count(self, unreadable: Sequence[Unreadable], batch_size: int) -> None:
+            """Tally one batch's unreadable samples (in the main process) and check the tolerated share: of this
+            rank's part of the data in its first epoch, of what it has read after that."""
+            self.delivered += batch_size
+            for item in unreadable:
+                self.unreadable[item.id] = item.key
+                skipped, first_few = len(self.unreadable), list(self.unreadable.values())[:_FIRST_FEW]
+                share = -(-self.num_samples // distributed.world_size())
+                check_corrupt_fraction(skipped, max(share, min(self.num_samples, self.delivered)),
+                                       self.max_corrupt_fraction, self.where, first_few)
+                if skipped & (skipped - 1) == 0:  # warn at 1, 2, 4, 8, ...
+                    warnings.warn(f"skipped {skipped} unreadable image{'s' if skipped != 1 else ''} in {self.where} "
+                                  f"so far (first few: {first_few}); latest error: {item.error}",
+                                  UnreadableImageWarning, stacklevel=2)
 
     return ShardDataset
 
@@ -138,20 +154,27 @@ def _loader_class():
             if not self._restore_pending:
                 self.restore = False
             self._restore_pending = False
-            return super().__iter__()
+            return self._counted(super().__iter__())
+
+        def _counted(self, batches: Any) -> Any:
+            for batch in batches:
+                self.dataset.count(batch.pop("unreadable"), len(batch["id"]))
+                yield batch
 
     return ResumingLoader
 
 
-def collate_stream(examples: Sequence[dict[str, Any] | None]) -> dict[str, Any]:
-    """Stack examples into the batch dict; an unreadable sample's slot (None) is filled with the batch's readable
-    ones in turn, so every batch keeps its size (deterministically: the same batch gets the same fill)."""
-    readable = [example for example in examples if example is not None]
+def collate_stream(examples: Sequence[dict[str, Any] | Unreadable]) -> dict[str, Any]:
+    """Stack examples into the batch dict; an unreadable sample's slot is filled with the batch's readable ones in
+    turn, so every batch keeps its size (deterministically: the same batch gets the same fill). ``unreadable``
+    lists the skipped samples for the loader to count (and remove)."""
+    readable = [example for example in examples if isinstance(example, dict)]
     if not readable:
         raise ShardError(f"all {len(examples)} samples of a batch are unreadable images: check the shards "
                          "(data.path) or raise data.batch_size")
-    filled = [example if example is not None else readable[i % len(readable)] for i, example in enumerate(examples)]
-    batch: dict[str, Any] = {"id": torch.tensor([example["id"] for example in filled], dtype=torch.long)}
+    filled = [example if isinstance(example, dict) else readable[i % len(readable)] for i, example in enumerate(examples)]
+    batch: dict[str, Any] = {"id": torch.tensor([example["id"] for example in filled], dtype=torch.long),
+                             "unreadable": [example for example in examples if isinstance(example, Unreadable)]}
     for key in TENSOR_KEYS:
         if key in filled[0]:
             batch[key] = torch.stack([example[key] for example in filled])
@@ -277,6 +300,18 @@ class StreamDataModule(LightningDataModule):
         if self.val_dataset is None:
             return []  # no val_path: Lightning skips validation when given an empty iterable
         return self._loader(self.val_dataset)
+
+    def example_captions(self, count: int, seed: int) -> list[str]:
+        """Up to ``count`` distinct captions of the validation shards (the training ones without), seeded."""
+        dataset = self.val_dataset if self.val_dataset is not None else self.train_dataset
+        if not self.has_captions or dataset is None:
+            return []
+
+        def caption_of(index: int) -> str:
+            example = dataset[index]
+            return example.get("caption", "") if isinstance(example, dict) else ""  # "": unreadable, passed over
+
+        return seeded_captions(caption_of, len(dataset), count, seed)
 
     @property
     def num_skipped(self) -> int:

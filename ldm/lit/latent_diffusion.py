@@ -5,6 +5,7 @@ Lightning-free model (``ldm.model.LatentDiffusion``: backbone + conditioner + fr
 from __future__ import annotations
 
 import hashlib
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +25,8 @@ from ldm.lit.ema import EMA, EMAConfig
 from ldm.lit.images import log_image_grid
 from ldm.model import LatentDiffusion, sample_sharded
 
+log = logging.getLogger(__name__)
+
 # Training loss is also logged per quarter of the timestep range: where a model is weak shows there.
 NUM_LOSS_BUCKETS = 4
 
@@ -38,6 +41,8 @@ class PreviewConfig:
     guidance: Any = None  # the method (ldm.model.guidance.GuidanceConfig; None = classifier-free guidance)
     per_class: int = 8
     prompts: list[str] = field(default_factory=list)
+    # Without prompts, a text model (no classes) previews this many captions of the validation data, seeded.
+    data_prompts: int = 4
     sampler: dict[str, Any] | None = None
     seed: int = 1234
 
@@ -96,6 +101,7 @@ class LatentDiffusionModule(pl.LightningModule):
         self.image_size: int | None = None
         self._preview_step = -1
         self._guidance = None  # the preview's resolved guidance (ldm.io.guide), at setup
+        self._preview_prompts: list[str] | None = None
         self._frozen_hash: str | None = None
         if self.speed.compile_unet:
             self.model.backbone.compile(mode=self.speed.compile_mode)
@@ -213,7 +219,7 @@ class LatentDiffusionModule(pl.LightningModule):
         if self.image_size is None:
             return
         sampler = self.sampler()
-        conditions = sampler.example_conditions(self.preview.per_class, prompts=self.preview.prompts or None)
+        conditions = sampler.example_conditions(self.preview.per_class, prompts=self.preview_prompts() or None)
         nrow = self.preview.per_class
         guidance = self._guidance.to(self.device) if self._guidance is not None else None
         for scale in self.preview.guidance_scales:
@@ -222,6 +228,21 @@ class LatentDiffusionModule(pl.LightningModule):
                                     guidance_rescale=self.preview.guidance_rescale, guidance=guidance)
             if self.trainer.is_global_zero:
                 log_image_grid(self.trainer, f"samples_cfg{scale:g}", images, nrow=nrow)
+
+    def preview_prompts(self) -> list[str]:
+        """The configured prompts; for a text model without classes and none configured, ``data_prompts`` captions
+        of the data (seeded, as the SD training scripts' validation prompts): an unconditional grid would show
+        nothing of the prompts it learns. Chosen once and logged."""
+        if self.preview.prompts:
+            return list(self.preview.prompts)
+        if self._preview_prompts is None:
+            conditioner, dm = self.model.conditioner, getattr(self.trainer, "datamodule", None)
+            self._preview_prompts = []
+            if conditioner.takes_prompts and not conditioner.num_classes and dm is not None:
+                self._preview_prompts = dm.example_captions(self.preview.data_prompts, self.preview.seed)
+                log.info("previews draw %d captions of the data (set stage.module.preview.prompts to choose): %s",
+                         len(self._preview_prompts), self._preview_prompts)
+        return self._preview_prompts
 
     # --- checkpoints -------------------------------------------------------------------------------
     def frozen_state(self) -> dict[str, torch.Tensor]:

@@ -96,17 +96,14 @@ class ResumeCheckpoint(pl.Callback):
     """Keeps ``<dirpath>/last.ckpt`` current at the two moments ModelCheckpoint (which saves at validation)
     misses: a preemption signal, and the end of training between two validations.
 
-    Preemption:
-
-    * SIGTERM: Lightning's own handler lets the step in progress finish and raises ``SIGTERMException`` out
-      of the fit loop; this callback writes last.ckpt at that point, a clean step boundary from which
-      ``ckpt_path=last`` continues exactly, and ``ldm-train`` exits with status 143.
-    * ``requeue_signals`` (SIGUSR1, and SIGUSR2, which submitit, hence ``hydra/launcher=slurm``, sends before
-      the time limit): noted when they arrive; at the next step boundary the ranks agree that one arrived
-      (on any of them), write last.ckpt, and, under SLURM, rank 0 requeues the job with ``scontrol requeue``;
-      then the run stops like on SIGTERM. The requeued job finds its last.ckpt (same run folder, from the job
-      id) with ``ckpt_path=last``. This replaces Lightning's SLURM handler, which saves from inside the
-      signal handler, mid-step, and listens on SIGUSR1 only.
+    Preemption: SIGTERM and the ``requeue_signals`` (SIGUSR1, and SIGUSR2, which submitit, hence
+    ``hydra/launcher=slurm``, sends before the time limit) are only noted when they arrive. At the next optimizer
+    step boundary the ranks agree that one arrived (on any of them), write last.ckpt, and, for a requeue signal
+    under SLURM, rank 0 requeues the job with ``scontrol requeue``; then the run stops with ``SIGTERMException``
+    (``ldm-train`` exits with status 143) and ``ckpt_path=last`` continues it exactly. A step boundary, not any
+    micro-batch: under gradient accumulation the gradients summed so far are in no checkpoint, so a resumed run
+    would take its first step on part of a batch. This replaces Lightning's handlers, which stop after any
+    micro-batch (SIGTERM) or save from inside the signal handler, mid-step (SLURM's SIGUSR1).
     """
 
     def __init__(self, dirpath: str, filename: str = "last", requeue_signals: list[str] | tuple[str, ...] = ("SIGUSR1", "SIGUSR2")) -> None:
@@ -121,6 +118,7 @@ class ResumeCheckpoint(pl.Callback):
         self._saved_step = -1
         self._previous_handlers: dict[int, Any] = {}
         self._requested: int | None = None
+        self._step_at_batch_start = -1
 
     @property
     def ckpt_path(self) -> Path:
@@ -129,28 +127,42 @@ class ResumeCheckpoint(pl.Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._saved_step = -1
         self._requested = None
-        for signum in self.requeue_signals:
-            try:
-                self._previous_handlers[signum] = signal.signal(signum, self._on_requeue_signal)
-            except ValueError:  # not the main thread: signals cannot be handled here
-                pass
+        self._handle(self.requeue_signals)
 
-    def _on_requeue_signal(self, signum: int, frame: Any) -> None:
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # After Lightning has installed its SIGTERM handler (which would stop after any micro-batch): ours replaces it.
+        self._handle([signal.SIGTERM])
+
+    def _handle(self, signums: list[int]) -> None:
+        for signum in signums:
+            try:
+                previous = signal.signal(signum, self._on_signal)
+            except ValueError:  # not the main thread: signals cannot be handled here
+                continue
+            self._previous_handlers.setdefault(signum, previous)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
         # Only noted: a checkpoint written from here would catch the step (and any collective) midway.
         self._requested = signum
 
-    def _restore_handlers(self) -> None:
-        for signum, handler in self._previous_handlers.items():
-            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
-        self._previous_handlers = {}
+    def _restore_handlers(self, signums: list[int] | None = None) -> None:
+        for signum in list(self._previous_handlers) if signums is None else signums:
+            if signum in self._previous_handlers:
+                handler = self._previous_handlers.pop(signum)
+                signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        self._step_at_batch_start = trainer.global_step
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        # Every rank joins this (one tiny all-reduce per step), so all stop at the same step.
+        if trainer.global_step == self._step_at_batch_start:
+            return  # no optimizer step in this micro-batch: its accumulated gradients would be lost
+        # Every rank joins this at the same step boundaries (one tiny all-reduce per step), so all stop together.
         if not trainer.strategy.reduce_boolean_decision(self._requested is not None, all=False):
             return
         trainer.save_checkpoint(self.ckpt_path)
         if trainer.is_global_zero:
-            requeued = requeue_slurm_job()
+            requeued = requeue_slurm_job() if self._requested in self.requeue_signals else None
             print(
                 f"ldm-train: stopped by a signal at step {trainer.global_step}; checkpoint written to {self.ckpt_path}. "
                 + (f"Requeued SLURM job {requeued}." if requeued else
@@ -164,6 +176,8 @@ class ResumeCheckpoint(pl.Callback):
         self._saved_step = int(checkpoint.get("global_step", -1))
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # SIGTERM's previous handler is Lightning's: put back before Lightning's teardown puts back the one it found.
+        self._restore_handlers([signal.SIGTERM])
         # Runs before the export callbacks, whose latent statistics draw from the global RNG.
         if self._saved_step != trainer.global_step:
             trainer.save_checkpoint(self.ckpt_path)
@@ -171,7 +185,8 @@ class ResumeCheckpoint(pl.Callback):
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._restore_handlers()
         if not isinstance(exception, SIGTERMException) or self._requested is not None:
-            return  # not a preemption, or a requeue signal that on_train_batch_end has handled
+            return  # not a preemption, or a signal that on_train_batch_end has handled
+        # Lightning's own SIGTERM handler stopped the run before training began (during set-up or sanity checks).
         trainer.save_checkpoint(self.ckpt_path)
         if trainer.is_global_zero:
             print(

@@ -17,6 +17,11 @@ log = logging.getLogger(__name__)
 _LOGGED_SUFFIXES = ("_n", "_ref_n", "_std", "_precision", "_recall")
 
 
+def _features_for(reference: str) -> str:
+    # The digit judge knows MNIST only; any other reference is compared in Inception's feature space.
+    return "judge" if reference == "mnist5k" else "inception"
+
+
 class SampleMetricsCallback(pl.Callback):
     """Every ``every_n_steps`` optimizer steps, and once when training ends, samples ``per_class`` images of
     each class (or ``per_class`` in all for an unconditional model) with the EMA weights and a fixed seed,
@@ -38,8 +43,10 @@ class SampleMetricsCallback(pl.Callback):
         metrics: any of ``accuracy``, ``fid``, ``kid``, ``pr`` (and ``is``/``clip_score`` where available).
         seed: seed of the sampling noise; fixed so successive measurements differ only by the model.
         cache_dir: where the judge and the reference statistics are cached (``${paths.cache_dir}``).
-        reference: ``mnist5k`` or a folder of real images.
-        features: ``judge`` (MNIST digit classifier, offline) or ``inception`` (local weights).
+        reference: ``mnist5k`` or a folder of real images; None: the training data's own (``metrics_reference`` of
+            the DataModule: mnist5k for MNIST, the folder of ``data=folder``), refused at set-up where it has none.
+        features: ``judge`` (MNIST digit classifier, offline) or ``inception`` (local weights); None: the judge's
+            for the mnist5k reference, Inception's otherwise.
         batch_size: generation and feature-extraction batch size.
         at_train_end: also measure once when training ends.
         prefix: metric name prefix.
@@ -56,8 +63,8 @@ class SampleMetricsCallback(pl.Callback):
         metrics: list[str] | tuple[str, ...] = ("accuracy", "fid", "kid"),
         seed: int = 1234,
         cache_dir: str = ".cache/ldm",
-        reference: str = "mnist5k",
-        features: str = "judge",
+        reference: str | None = None,
+        features: str | None = None,
         batch_size: int = 256,
         at_train_end: bool = True,
         prefix: str = "val/",
@@ -75,7 +82,9 @@ class SampleMetricsCallback(pl.Callback):
         self.sampler_cfg = dict(sampler) if sampler is not None else None
         self.metrics, self.seed, self.batch_size = [str(m) for m in metrics], int(seed), int(batch_size)
         self.at_train_end, self.prefix = bool(at_train_end), prefix
-        self.eval_cfg = evaluation_config(str(cache_dir), reference, features, batch_size)
+        self.cache_dir, self.reference, self.features = str(cache_dir), reference, features
+        self.eval_cfg = None if reference is None else evaluation_config(self.cache_dir, reference,
+                                                                         features or _features_for(reference), batch_size)
         self._measure = None  # SampleMetrics, built on first use (trains/loads the judge once)
         self._last_step = -1
         self.history: list[dict[str, float]] = []
@@ -87,6 +96,21 @@ class SampleMetricsCallback(pl.Callback):
             from ldm.io.guide import resolve_guidance
 
             self._guidance = resolve_guidance(self.guidance_config, pl_module.model, "of this run", device="cpu")
+        if self.eval_cfg is not None:
+            return
+        from ldm.errors import ConfigError
+        from ldm.metrics.suite import evaluation_config
+
+        datamodule = getattr(trainer, "datamodule", None)
+        reference = getattr(datamodule, "metrics_reference", None)
+        if reference is None:
+            raise ConfigError(f"callbacks.sample_metrics compares samples with real images, and this data "
+                              f"({type(datamodule).__name__}) names none it can read: set "
+                              "callbacks.sample_metrics.reference=<a folder of real images> (with features=inception), "
+                              "or train with callbacks=default")
+        features = self.features or _features_for(reference)
+        log.info("sample metrics: reference %s, %s features", reference, features)
+        self.eval_cfg = evaluation_config(self.cache_dir, reference, features, self.batch_size)
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         # At the start of the batch after step N rather than at the end of step N: Lightning runs callback

@@ -14,7 +14,10 @@ and computes ``forward(x, timesteps, context=None, y=None) -> same shape as x[:,
 to the input: a backbone never sees the conditioner, and a conditioner never reads a backbone's attributes.
 
 It may also name ``fsdp_units``: the class names of the blocks FSDP shards as one unit each (default: none, the
-whole backbone is one unit).
+whole backbone is one unit), and set ``learn_sigma`` (default False): its ``out_channels`` are then twice the latent
+channels, the prediction followed by a learned variance (official DiT and guided-diffusion checkpoints, trained with
+a variational bound term). Every objective and sampler here uses fixed variances: :func:`run_backbone` keeps the
+prediction only, so such checkpoints load, sample and fine-tune with the usual losses.
 
 A backbone *factory* (a class, or a Hydra ``_partial_``) takes :meth:`ConditionSpec.backbone_kwargs`, so a
 config names only the backbone's own sizes and the conditioning wires itself.
@@ -69,6 +72,8 @@ def check_backbone(backbone: Any, spec: ConditionSpec, latent_channels: int) -> 
     if missing:
         raise ValueError(f"{type(backbone).__name__} is not a backbone: it lacks {missing} (see ldm.nets.backbone).")
     expected = spec.backbone_kwargs(latent_channels)
+    if getattr(backbone, "learn_sigma", False):
+        expected["out_channels"] *= 2  # the prediction, then its learned variance (dropped by run_backbone)
     names = {"num_classes": "label ids (classes + null)", "adm_in_channels": "vector y width"}
     problems = [f"backbone {key}={getattr(backbone, key)} but the conditioning needs {value}"
                 + (f" ({names[key]})" if key in names else "")
@@ -81,7 +86,10 @@ def run_backbone(backbone: Any, x_t: torch.Tensor, t: torch.Tensor, cond: dict[s
     """The one place a condition dict is routed into a backbone call (concat joins the input channels)."""
     concat = cond.get("concat")
     x = x_t if concat is None else torch.cat([x_t, concat.to(x_t.dtype)], dim=1)
-    return backbone(x, t, context=cond.get("context"), y=cond.get("y"))
+    out = backbone(x, t, context=cond.get("context"), y=cond.get("y"))
+    if getattr(backbone, "learn_sigma", False):
+        return out[:, : out.shape[1] // 2]  # (B, C, H, W): the prediction; the variance half has no use here
+    return out
 
 
 def check_denoiser_inputs(

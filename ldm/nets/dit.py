@@ -237,7 +237,8 @@ class DiT(nn.Module):
         patch_size: p; the token count is H*W / p^2, so compute grows as 1 / p^2.
         in_channels: input channels, including any the caller concatenates (inpainting mask, ...).
         out_channels: output channels; defaults to in_channels. learn_sigma doubles it (official DiT's
-            learned variance: mean prediction in the first half, variance interpolation in the second).
+            learned variance: mean prediction in the first half, variance interpolation in the second; the model
+            uses the first half only, see ``ldm.nets.backbone.run_backbone``).
         hidden_size, depth, num_heads, mlp_ratio: transformer width, blocks, heads, MLP expansion.
         num_classes: class-conditional: `y` (B,) labels index an embedding table of `num_classes` rows that
             is added to the timestep embedding. As with the UNet's `label_emb`, this counts every label id,

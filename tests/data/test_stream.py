@@ -190,6 +190,37 @@ def test_unreadable_samples_are_skipped_counted_and_batches_keep_their_size(tmp_
     assert "label" not in batches[0] and "caption" not in batches[0]
 
 
+def _shards_with_broken(out: Path, broken: set[int], n: int) -> Path:
+    Image.new("L", (40, 40), 128).save(out.parent / "ok.png")
+    png = (out.parent / "ok.png").read_bytes()
+    samples = [{"id": i, "key": f"s{i}", "image": png if i not in broken else b"\x89PNG broken", "caption": "",
+                "label": -1, "width": 40, "height": 40, "aspect": 1.0} for i in range(n)]
+    manifest = write_shard(out, 0, samples, "test", "test", 2_000)  # several chunks: the workers share them
+    write_index(out, [manifest], {"has_captions": False, "num_classes": None, "class_names": [], "encode": None})
+    return out
+
+
+def test_unreadable_samples_are_counted_over_all_loader_workers(tmp_path):
+    """Each DataLoader worker decodes its own samples: the count and the tolerated fraction are the process's."""
+    out = _shards_with_broken(tmp_path / "out", {3, 12}, 16)
+    dm = datamodule(out, num_workers=2, max_corrupt_fraction=0.2)
+    with pytest.warns(UnreadableImageWarning, match="skipped 2 unreadable images"):
+        batches = list(dm.train_dataloader())
+    assert len(batches) == 4 and dm.num_skipped == 2
+    # 4 of 16 unreadable, 2 in each worker's half: 0.25 of the data, more than the 0.2 tolerated
+    out = _shards_with_broken(tmp_path / "out4", {1, 5, 9, 13}, 16)
+    with pytest.raises(ValueError, match="4 of 16 image files checked .* max_corrupt_fraction=0.2"):
+        list(datamodule(out, num_workers=2, max_corrupt_fraction=0.2).train_dataloader())
+
+
+def test_example_captions_are_distinct_seeded_captions_of_the_shards(shards):
+    """What a text model's previews draw when no prompts are configured (read in the main process, before any
+    loader worker exists)."""
+    dm = datamodule(shards, val_path=str(shards))
+    assert sorted(dm.example_captions(4, 0)) == ["digit 0", "digit 1"]  # the only two captions there are
+    assert dm.example_captions(1, 0) == dm.example_captions(1, 0)
+
+
 def checkpoint_state(path: Path) -> dict[str, torch.Tensor]:
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     flat = {f"model.{k}": v for k, v in ckpt["state_dict"].items()}

@@ -75,3 +75,32 @@ def test_constructor_rejects_unknown_metrics_and_bad_counts():
         SampleMetricsCallback(metrics=["fdi"])
     with pytest.raises(ValueError, match="per_class >= 1"):
         SampleMetricsCallback(per_class=0)
+
+
+@pytest.mark.parametrize("data, reference, features", [
+    ("mnist5k", "mnist5k", "judge"),
+    ("folder", "<root>", "inception"),
+    ("stream", None, None),
+])
+def test_callbacks_sample_metrics_compare_with_the_runs_own_data(compose_cfg, tmp_path, data, reference, features):
+    """callbacks=sample_metrics follows data=: MNIST-5k with the digit judge, a folder's own images with Inception
+    features, and data it cannot read real images of is refused before training with the key to set."""
+    from types import SimpleNamespace
+
+    from ldm.errors import ConfigError
+
+    overrides = ["stage=ldm", "callbacks=sample_metrics", f"data={data}"]
+    if data == "folder":
+        overrides.append(f"data.root={tmp_path}")
+    if data == "stream":
+        overrides.append(f"data.path={tmp_path}")
+    cfg = compose_cfg(overrides, tmp_path)
+    callback, datamodule = instantiate(cfg.callbacks.sample_metrics), instantiate(cfg.data)
+    trainer = SimpleNamespace(datamodule=datamodule)
+    if reference is None:
+        with pytest.raises(ConfigError, match="callbacks.sample_metrics.reference=<a folder of real images>"):
+            callback.setup(trainer, None, "fit")
+        return
+    callback.setup(trainer, None, "fit")
+    assert callback.eval_cfg.reference == reference.replace("<root>", str(tmp_path))
+    assert callback.eval_cfg.features == features

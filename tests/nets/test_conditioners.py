@@ -16,6 +16,7 @@ from ldm.nets.conditioners import (
     ClassEmbedder,
     ConcatConditioner,
     Conditioner,
+    Embedder,
     FrozenTextEncoder,
     embedded_minilm_path,
 )
@@ -488,3 +489,29 @@ def test_sd15_yaml_builds_the_sd15_shape():
     with torch.device("meta"):
         unet = instantiate(cfg.model.ldm.backbone)(**ConditionSpec(context_dim=768).backbone_kwargs(4))
     assert sum(p.numel() for p in unet.parameters()) == 859_520_964
+
+
+class _LearnedTokens(Embedder):
+    """A parametrised context embedder whose input needs no device (strings), like a text encoder."""
+
+    output, output_dim = "context", 4
+
+    def __init__(self) -> None:
+        super().__init__("caption", 0.1)
+        self.tokens = torch.nn.Parameter(torch.zeros(1, 1, 4))
+
+    def encode(self, inputs, drop):
+        return self.tokens.expand(len(inputs), 1, 4)
+
+    def unconditional(self, batch_size, device=None):
+        return self.tokens.expand(batch_size, 1, 4)
+
+
+def test_a_parameterless_embedders_unconditional_output_follows_the_models_device():
+    """Labels passed on as `y` beside a text encoder, sampled from prompts alone: the null labels are made where
+    the conditioner's weights are ("meta" stands in for a GPU), not on the CPU."""
+    conditioner = Conditioner([_LearnedTokens(), ClassEmbedder(10, output="vector", input_key="label")]).to("meta")
+    conditioner.eval()
+    out = conditioner({"caption": ["a 3", "a 7"]}, allow_missing=True)
+    assert out["context"].device.type == "meta" and out["y"].device.type == "meta"
+    assert conditioner.unconditional(2)["y"].device.type == "meta"

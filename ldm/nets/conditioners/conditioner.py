@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -91,7 +92,7 @@ class Conditioner(nn.Module):
         outputs = []
         for e in self.embedders:
             if e not in present:
-                outputs.append((e.output, self._unconditional_of(e, batch_size, spatial_size)))
+                outputs.append((e.output, self._unconditional_of(e, batch_size, spatial_size, self._device(batch))))
                 continue
             drop = None
             if joint is not None and e.guided:
@@ -117,12 +118,22 @@ class Conditioner(nn.Module):
         return self._gather([(e.output, self._unconditional_of(e, batch_size, spatial_size, device))
                              for e in self.embedders])
 
-    @staticmethod
-    def _unconditional_of(e: Embedder, batch_size: int, spatial_size, device=None) -> torch.Tensor:
+    def _unconditional_of(self, e: Embedder, batch_size: int, spatial_size, device=None) -> torch.Tensor:
         extra = {"spatial_size": spatial_size} if e.output == "concat" else {}
         if device is None:
-            device = next(iter(e.buffers()), next(iter(e.parameters()), torch.empty(0))).device
+            device = self._device({})
         return e.unconditional(batch_size, device=device, **extra)
+
+    def _device(self, batch: Mapping[str, Any]) -> torch.device:
+        """Where an embedder's unconditional output is made: with the conditioner's weights, else with the batch's
+        tensors. A parameter-less embedder (labels passed on as ``y``) has no device of its own: beside a text
+        encoder on the GPU, sampled from prompts alone, its null labels must go to the GPU too."""
+        for tensor in itertools.chain(self.parameters(), self.buffers()):
+            return tensor.device
+        for value in batch.values():
+            if torch.is_tensor(value):
+                return value.device
+        return torch.device("cpu")
 
     def example_conditions(
         self, per_group: int, labels: Sequence[int] | torch.Tensor | None = None, prompts: Sequence[str] | None = None,
