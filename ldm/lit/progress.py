@@ -1,0 +1,30 @@
+"""The progress bar, reading the logged metrics only as often as the loggers do."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import RichProgressBar
+from lightning.pytorch.callbacks.progress.progress_bar import get_standard_metrics
+
+
+class LoggingStepProgressBar(RichProgressBar):
+    """Lightning's RichProgressBar, whose metrics are read every ``trainer.log_every_n_steps`` training steps.
+
+    Each metric logged to the bar is a device tensor, and Lightning's bar reads all of them (``.item()``) after
+    every batch: one host-device sync per step per metric, which keeps the host from running ahead of the
+    device. Between logging steps the bar shows the values it last read; outside training (validation)
+    it reads them every time, as Lightning does. Before the first logging step it shows none.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._shown: dict[str, Any] | None = None
+        self._shown_step = -1
+
+    def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+        step = trainer.global_step
+        if not trainer.training or (step != self._shown_step and step % max(1, int(trainer.log_every_n_steps)) == 0):
+            self._shown, self._shown_step = super().get_metrics(trainer, pl_module), step
+        return self._shown if self._shown is not None else get_standard_metrics(trainer)
