@@ -26,6 +26,7 @@ from ldm.config import (
     check_constructor_keys,
     flat_numbers,
     instantiate_checked,
+    launcher_run_name,
     register_resolvers,
     rename_deprecated_overrides,
     sweep_tags,
@@ -37,6 +38,7 @@ from ldm.io.export import write_text_atomic
 from ldm.lit.export import AutoencoderExport, LatentDiffusionExport
 from ldm.lit.finetune import BaseReference
 from ldm.lit.reliability import NonFiniteLossError, keep_csv_history
+from ldm.lit.startup import check_precision, check_run_name
 
 log = logging.getLogger("ldm.train")
 register_resolvers()
@@ -105,6 +107,8 @@ def check_config(cfg: DictConfig) -> None:
         node = OmegaConf.select(cfg, key)
         if node is not None:
             check_constructor_keys(node, key)
+    check_precision(cfg.trainer)
+    check_run_name(cfg, launcher_run_name())
     if cfg.stage.name == "ldm":
         check_sampling(cfg)
         check_judge(cfg)
