@@ -27,11 +27,30 @@ def vae_export(tmp_path_factory, compose_cfg) -> Path:
     return out / "export"
 
 
+@pytest.fixture(scope="module")
+def image_classes(tmp_path_factory) -> Path:
+    """Two subfolders (classes) of 32 px grayscale images: the recipes' data=folder in miniature."""
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for label in ("a", "b"):
+        (root / label).mkdir()
+        for i in range(12):
+            Image.fromarray(rng.integers(0, 256, (32, 32), dtype=np.uint8)).save(root / label / f"{i}.png")
+    return root
+
+
+def tiny_folder(root: Path) -> list[str]:
+    return [f"data.root={root}", "data.image_size=32", "data.mode=L", "data.val_fraction=0.25", "data.batch_size=4"]
+
+
 def trained_two_steps(results: dict) -> None:
     assert results["train/steps"] == 2 and math.isfinite(results["train/loss"])
 
 
-def test_ldm4_celebahq_recipe(vae_export, compose_cfg, tmp_path):
+def test_ldm4_celebahq_recipe(vae_export, image_classes, compose_cfg, tmp_path):
     recipe = compose_cfg(["experiment=ldm4_celebahq256", "data.root=/data/celebahq", "first_stage.path=/vq_f4"])
     backbone = recipe.model.ldm.backbone
     assert (backbone.model_channels, list(backbone.channel_mult), backbone.num_res_blocks) == (224, [1, 2, 3, 4], 2)
@@ -39,12 +58,13 @@ def test_ldm4_celebahq_recipe(vae_export, compose_cfg, tmp_path):
     assert (recipe.model.ldm.lr, recipe.data.batch_size, recipe.optim.optimizer.weight_decay) == (9.6e-5, 48, 0.01)
     assert (recipe.schedule.kind, recipe.schedule.beta_start, recipe.schedule.beta_end) == ("scaled_linear", 0.0015, 0.0195)
     assert recipe.stage.module.ema.decay == 0.9999 and recipe.data.image_size == 256
-    # tiny: MNIST-5k through the test autoencoder, a 32-channel UNet of the recipe's shape
-    trained_two_steps(train(compose_cfg(["experiment=ldm4_celebahq256", "data=mnist5k", f"first_stage.path={vae_export}",
-                                         "model.ldm.backbone.model_channels=32", *SMOKE], tmp_path)))
+    # tiny: 32 px images through the test autoencoder, a 32-channel UNet of the recipe's shape
+    trained_two_steps(train(compose_cfg(["experiment=ldm4_celebahq256", *tiny_folder(image_classes),
+                                         f"first_stage.path={vae_export}", "model.ldm.backbone.model_channels=32",
+                                         *SMOKE], tmp_path)))
 
 
-def test_dit_b2_imagenet_recipe(vae_export, compose_cfg, tmp_path):
+def test_dit_b2_imagenet_recipe(vae_export, image_classes, compose_cfg, tmp_path):
     recipe = compose_cfg(["experiment=dit_b2_imagenet256", "data.root=/data/imagenet", "first_stage.path=/sd-vae-ft-ema"])
     dit = recipe.model.ldm.backbone
     assert (dit.depth, dit.hidden_size, dit.num_heads, dit.patch_size) == (12, 768, 12, 2)
@@ -52,8 +72,8 @@ def test_dit_b2_imagenet_recipe(vae_export, compose_cfg, tmp_path):
     assert recipe.stage.module.ema.decay == 0.9999 and recipe.stage.module.ema.warmup_steps == 1
     assert (recipe.cond.num_classes, recipe.cond.drop_rate, recipe.schedule.kind) == (1000, 0.1, "linear")
     assert recipe.data.batch_size * 8 == 256 and recipe.optim.optimizer._target_ == "torch.optim.AdamW"
-    trained_two_steps(train(compose_cfg(["experiment=dit_b2_imagenet256", "data=mnist5k", "first_stage=export",
-                                         f"first_stage.path={vae_export}", "cond.num_classes=10",
+    trained_two_steps(train(compose_cfg(["experiment=dit_b2_imagenet256", *tiny_folder(image_classes), "first_stage=export",
+                                         f"first_stage.path={vae_export}", "cond.num_classes=2",
                                          "model.ldm.backbone.depth=1", "model.ldm.backbone.hidden_size=64",
                                          "model.ldm.backbone.num_heads=2", *SMOKE], tmp_path)))
 

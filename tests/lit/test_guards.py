@@ -122,10 +122,12 @@ def test_stream_chunks_are_cached_on_node_local_scratch(compose_cfg, tmp_path, m
     assert cfg.data.cache_dir == expected.replace("SHARED", str(shared))
 
 
-def test_validation_stream_workers_persist_and_training_ones_do_not():
-    from ldm.data.stream import StreamDataModule
+def test_validation_stream_workers_persist_and_training_ones_do_not(monkeypatch):
+    import ldm.data.stream as stream
 
-    dm = StreamDataModule("unused", num_workers=2)
-    assert dm._loader([], persistent=True).persistent_workers
-    assert not dm._loader([]).persistent_workers
-    assert not StreamDataModule("unused", num_workers=0)._loader([], persistent=True).persistent_workers
+    monkeypatch.setattr(stream, "_loader_class", lambda: lambda dataset, **kwargs: kwargs)  # the loader's settings
+    dm = stream.StreamDataModule("unused", num_workers=2)
+    dm.train_dataset = dm.val_dataset = object()
+    assert dm.val_dataloader()["persistent_workers"] and not dm.train_dataloader()["persistent_workers"]
+    dm.num_workers = 0  # no workers to keep
+    assert not dm.val_dataloader()["persistent_workers"]
