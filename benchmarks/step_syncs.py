@@ -44,7 +44,7 @@ except ImportError:
 
 
 def compose_run(overrides: list[str], out: Path):
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=train_cli.CONF_DIR, version_base="1.3"):  # the conf/ of the ldm imported
         return compose("train", overrides=[*overrides, f"paths.output_dir={out}", f"paths.cache_dir={out / 'cache'}"])
 
 

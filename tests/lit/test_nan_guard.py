@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ldm.lit.reliability import NonFiniteGuard, NonFiniteLossError
+from ldm.lit.nonfinite import NonFiniteGuard, NonFiniteLossError
 
 
 def poison(loss: torch.Tensor, layer: nn.Linear, kind: str) -> torch.Tensor:
