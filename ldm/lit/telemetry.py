@@ -46,7 +46,8 @@ class ThroughputTelemetry(pl.Callback):
     * ``perf/samples_per_s``: training samples per second, all ranks together;
     * ``perf/mfu``: model FLOP utilisation per device, the FLOPs the step computes (counted once with
       ``torch.utils.flop_counter.FlopCounterMode`` over one whole training batch: forward, backward, and the
-      frozen encoders where they run) per sample x this rank's samples / time / the device's peak;
+      frozen encoders where they run; with gradient checkpointing, the recomputed forward too, so it is then the
+      hardware FLOP utilisation) per sample x this rank's samples / time / the device's peak;
       ``peak_tflops`` sets the peak (TFLOP/s per device); null: Lightning's table for the GPU and the trainer's
       precision (none on CPU: then no MFU);
     * ``perf/data_wait``: the share of wall time the host spent between one batch's end and the next one's start
