@@ -21,13 +21,6 @@ SMOKE = ["debug=fast", "trainer=cpu", "trainer.precision=32-true", "logger=csv",
 
 
 @pytest.fixture(scope="module")
-def vae_export(tmp_path_factory, compose_cfg) -> Path:
-    out = tmp_path_factory.mktemp("vae")
-    train(compose_cfg(["stage=vae", "debug=fast", "logger=csv", "data.batch_size=8"], out))
-    return out / "export"
-
-
-@pytest.fixture(scope="module")
 def image_classes(tmp_path_factory) -> Path:
     """Two subfolders (classes) of 32 px grayscale images: the recipes' data=folder in miniature."""
     import numpy as np
@@ -50,7 +43,7 @@ def trained_two_steps(results: dict) -> None:
     assert results["train/steps"] == 2 and math.isfinite(results["train/loss"])
 
 
-def test_ldm4_celebahq_recipe(vae_export, image_classes, compose_cfg, tmp_path):
+def test_ldm4_celebahq_recipe(tiny_vae_export, image_classes, compose_cfg, tmp_path):
     recipe = compose_cfg(["experiment=ldm4_celebahq256", "data.root=/data/celebahq", "first_stage.path=/vq_f4"])
     backbone = recipe.model.ldm.backbone
     assert (backbone.model_channels, list(backbone.channel_mult), backbone.num_res_blocks) == (224, [1, 2, 3, 4], 2)
@@ -60,11 +53,11 @@ def test_ldm4_celebahq_recipe(vae_export, image_classes, compose_cfg, tmp_path):
     assert recipe.stage.module.ema.decay == 0.9999 and recipe.data.image_size == 256
     # tiny: 32 px images through the test autoencoder, a 32-channel UNet of the recipe's shape
     trained_two_steps(train(compose_cfg(["experiment=ldm4_celebahq256", *tiny_folder(image_classes),
-                                         f"first_stage.path={vae_export}", "model.ldm.backbone.model_channels=32",
+                                         f"first_stage.path={tiny_vae_export}", "model.ldm.backbone.model_channels=32",
                                          *SMOKE], tmp_path)))
 
 
-def test_dit_b2_imagenet_recipe(vae_export, image_classes, compose_cfg, tmp_path):
+def test_dit_b2_imagenet_recipe(tiny_vae_export, image_classes, compose_cfg, tmp_path):
     recipe = compose_cfg(["experiment=dit_b2_imagenet256", "data.root=/data/imagenet", "first_stage.path=/sd-vae-ft-ema"])
     dit = recipe.model.ldm.backbone
     assert (dit.depth, dit.hidden_size, dit.num_heads, dit.patch_size) == (12, 768, 12, 2)
@@ -73,7 +66,7 @@ def test_dit_b2_imagenet_recipe(vae_export, image_classes, compose_cfg, tmp_path
     assert (recipe.cond.num_classes, recipe.cond.drop_rate, recipe.schedule.kind) == (1000, 0.1, "linear")
     assert recipe.data.batch_size * 8 == 256 and recipe.optim.optimizer._target_ == "torch.optim.AdamW"
     trained_two_steps(train(compose_cfg(["experiment=dit_b2_imagenet256", *tiny_folder(image_classes), "first_stage=export",
-                                         f"first_stage.path={vae_export}", "cond.num_classes=2",
+                                         f"first_stage.path={tiny_vae_export}", "cond.num_classes=2",
                                          "model.ldm.backbone.depth=1", "model.ldm.backbone.hidden_size=64",
                                          "model.ldm.backbone.num_heads=2", *SMOKE], tmp_path)))
 

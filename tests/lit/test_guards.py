@@ -4,8 +4,6 @@ workers."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -15,13 +13,6 @@ from ldm.lit.reliability import ResumeCheckpoint
 from ldm.train import train
 
 FAST = ["debug=fast", "logger=csv", "data.batch_size=8"]
-
-
-@pytest.fixture(scope="module")
-def vae_export(tmp_path_factory, compose_cfg) -> Path:
-    out = tmp_path_factory.mktemp("vae")
-    train(compose_cfg(["stage=vae", *FAST], out))
-    return out / "export"
 
 
 class EMAWatch:
@@ -43,7 +34,7 @@ class EMAWatch:
         self._record("end", pl_module)
 
 
-def test_bf16_true_keeps_the_ema_in_fp32_and_it_moves(vae_export, compose_cfg, tmp_path, monkeypatch):
+def test_bf16_true_keeps_the_ema_in_fp32_and_it_moves(tiny_vae_export, compose_cfg, tmp_path, monkeypatch):
     import lightning.pytorch as pl
 
     watch = type("Watch", (EMAWatch, pl.Callback), {})()
@@ -51,7 +42,7 @@ def test_bf16_true_keeps_the_ema_in_fp32_and_it_moves(vae_export, compose_cfg, t
     monkeypatch.setattr(train_cli, "build_callbacks", lambda cfg, out: [*build(cfg, out), watch])
     # decay 0.9999 from the first step (warmup_steps=1): a bf16 average would not move at all; validation at step 2
     # evaluates the fp32 EMA on bf16 inputs
-    results = train(compose_cfg(["stage=ldm", "model/ldm=unet_tiny", f"first_stage.path={vae_export}", *FAST,
+    results = train(compose_cfg(["stage=ldm", "model/ldm=unet_tiny", f"first_stage.path={tiny_vae_export}", *FAST,
                                  "trainer.precision=bf16-true", "stage.module.ema.decay=0.9999",
                                  "stage.module.ema.warmup_steps=1", "stage.final_samples.enabled=false"], tmp_path))
     (start_dtypes, start, live_dtype), (end_dtypes, end, _) = watch.seen["start"], watch.seen["end"]

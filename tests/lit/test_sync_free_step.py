@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 import time
-from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
@@ -19,13 +18,6 @@ from ldm.lit.telemetry import ThroughputTelemetry
 from ldm.train import train
 
 FAST = ["debug=fast", "logger=csv", "data.batch_size=8"]
-
-
-@pytest.fixture(scope="module")
-def vae_export(tmp_path_factory, compose_cfg) -> Path:
-    out = tmp_path_factory.mktemp("vae")
-    train(compose_cfg(["stage=vae", *FAST], out))
-    return out / "export"
 
 
 def test_sync_counter_sees_value_reads_and_data_dependent_shapes():
@@ -48,11 +40,11 @@ def test_sync_counter_sees_value_reads_and_data_dependent_shapes():
     # a latent grid other than the one DiT's positions are laid out for: the cached per-grid positions
     ["model/ldm=dit_tiny", "model.ldm.backbone.input_size=16"],
 ])
-def test_training_steps_sync_only_at_logging_steps(vae_export, compose_cfg, tmp_path, monkeypatch, backbone):
+def test_training_steps_sync_only_at_logging_steps(tiny_vae_export, compose_cfg, tmp_path, monkeypatch, backbone):
     counter = StepSyncCounter()
     build = train_cli.build_callbacks
     monkeypatch.setattr(train_cli, "build_callbacks", lambda cfg, out: [*build(cfg, out), counter])
-    results = train(compose_cfg(["stage=ldm", *backbone, f"first_stage.path={vae_export}", *FAST,
+    results = train(compose_cfg(["stage=ldm", *backbone, f"first_stage.path={tiny_vae_export}", *FAST,
                                  "stage.final_samples.enabled=false", "stage.max_steps=6", "stage.val_check_interval=6",
                                  "trainer.log_every_n_steps=3", "callbacks.telemetry.peak_tflops=1.0"], tmp_path))
     assert sorted(counter.counts) == [1, 2, 3, 4, 5, 6]
