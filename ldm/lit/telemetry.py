@@ -56,23 +56,24 @@ class ThroughputTelemetry(pl.Callback):
     * ``perf/peak_mem_gib``: the most memory the device's allocator held (CUDA), or the process's peak resident
       memory on CPU.
 
-    ``flops_at_batch``: the index of the batch whose FLOPs are counted (the counting slows that one batch, which
-    is kept out of the windows); past the first batch, so set-up work done once is not counted as per-step work.
+    ``flops_at_step``: FLOPs are counted on the first batch from this optimizer step on (the counting slows that
+    batch, which is kept out of the windows); past the first, so set-up work done once is not counted as per-step
+    work. The count is kept in checkpoints: a resumed run does not count again, so it computes exactly what the
+    straight run computed (ops under a dispatch mode may take other kernels).
     """
 
-    def __init__(self, peak_tflops: float | None = None, flops_at_batch: int = 1, prog_bar: bool = True) -> None:
+    def __init__(self, peak_tflops: float | None = None, flops_at_step: int = 1, prog_bar: bool = True) -> None:
         if peak_tflops is not None and peak_tflops <= 0:
             raise ValueError(f"peak_tflops must be > 0 (TFLOP/s per device), got {peak_tflops}")
-        if flops_at_batch < 0:
-            raise ValueError(f"flops_at_batch must be >= 0, got {flops_at_batch}")
+        if flops_at_step < 0:
+            raise ValueError(f"flops_at_step must be >= 0, got {flops_at_step}")
         self.peak_tflops = peak_tflops
-        self.flops_at_batch = int(flops_at_batch)
+        self.flops_at_step = int(flops_at_step)
         self.prog_bar = prog_bar
         self.flops_per_sample: float | None = None
         self.peak_flops: float | None = None
         self.last: dict[str, float] = {}
         self._counter: FlopCounterMode | None = None
-        self._batches = 0
         self._window_start: float | None = None
         self._samples = 0
         self._wait = 0.0
@@ -90,18 +91,17 @@ class ThroughputTelemetry(pl.Callback):
                 "callbacks.telemetry.peak_tflops=<dense TFLOP/s of one device at this precision>")
         if pl_module.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(pl_module.device)
-        self._batches, self._window_start, self._batch_end = 0, None, None
+        self._window_start, self._batch_end = None, None
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         now = time.perf_counter()
         if self._batch_end is not None and self._window_start is not None:
             self._wait += now - self._batch_end
-        if self._batches == self.flops_at_batch and self.flops_per_sample is None:
+        if trainer.global_step >= self.flops_at_step and self.flops_per_sample is None:
             self._counter = FlopCounterMode(display=False)
             self._counter.__enter__()
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        self._batches += 1
         samples = batch_size_of(batch)
         if self._counter is not None:
             counter, self._counter = self._counter, None
@@ -123,6 +123,12 @@ class ThroughputTelemetry(pl.Callback):
         self._logged_step = step
         self._log_window(trainer, pl_module)
         self._restart_window()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"flops_per_sample": self.flops_per_sample}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.flops_per_sample = state_dict.get("flops_per_sample")
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._paused = time.perf_counter()
