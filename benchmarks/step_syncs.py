@@ -107,7 +107,7 @@ def main() -> None:
         common = ["logger=csv", "stage.final_samples.enabled=false", "stage.module.preview.every_n_steps=0"]
         train_cli.train(compose_run(["stage=vae", "debug=fast", *common[:1]], tmp / "vae"))
         stage2 = ["stage=ldm", f"first_stage.path={tmp / 'vae' / 'export'}", *common, f"data.batch_size={args.batch}",
-                  f"stage.max_steps={args.steps}", f"stage.val_check_interval={args.steps}", "trainer.limit_val_batches=1",
+                  f"stage.max_steps={args.steps}", f"stage.val_check_interval={args.steps}", "++trainer.limit_val_batches=1",
                   f"trainer.log_every_n_steps={args.every}"]
         header = (f"{'backbone':<12} {'syncs/step':>10} {'at log steps':>12} {'samples/s':>10} {'telemetry GFLOP/sample':>22} "
                   f"{'MFU':>7} {'backbone GFLOP/sample':>21} {'MFU (backbone)':>14}")
