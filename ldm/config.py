@@ -74,6 +74,11 @@ def run_name(name: Any = None) -> str:
     ``--rdzv-id``; else the start time."""
     if name not in (None, ""):
         return str(name)
+    return launcher_run_name() or datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+
+
+def launcher_run_name() -> str | None:
+    """The run name the launcher makes stable across ranks and requeues (SLURM job, torchrun --rdzv-id), or None."""
     array_job, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
     if array_job and task:
         return f"slurm-{array_job}_{task}"
@@ -82,7 +87,7 @@ def run_name(name: Any = None) -> str:
     rdzv = os.environ.get("TORCHELASTIC_RUN_ID", "none")
     if rdzv not in ("", "none"):
         return f"torchrun-{rdzv}"
-    return datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    return None
 
 
 def project_root() -> str:

@@ -27,6 +27,7 @@ from ldm.config import (
     check_constructor_keys,
     flat_numbers,
     instantiate_checked,
+    launcher_run_name,
     register_resolvers,
     rename_deprecated_overrides,
     sweep_group,
@@ -39,6 +40,7 @@ from ldm.io.export import write_text_atomic
 from ldm.lit.export import AutoencoderExport, LatentDiffusionExport
 from ldm.lit.finetune import BaseReference
 from ldm.lit.reliability import NonFiniteLossError, keep_csv_history
+from ldm.lit.startup import check_precision, check_run_name
 from ldm.run_notes import (
     clear_failed,
     config_summary,
@@ -127,6 +129,8 @@ def check_config(cfg: DictConfig) -> None:
         node = OmegaConf.select(cfg, key)
         if node is not None:
             check_constructor_keys(node, key)
+    check_precision(cfg.trainer)
+    check_run_name(cfg, launcher_run_name())
     if cfg.stage.name == "ldm":
         check_sampling(cfg)
         check_judge(cfg)

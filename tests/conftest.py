@@ -37,3 +37,13 @@ def compose_train(overrides: list[str], tmp_path: Path | None = None) -> DictCon
 @pytest.fixture(scope="session")
 def compose_cfg():
     return compose_train
+
+
+@pytest.fixture(scope="session")
+def tiny_vae_export(tmp_path_factory) -> Path:
+    """A stage-1 export of the default autoencoder after debug=fast steps: a first stage for stage-2 tests."""
+    from ldm.train import train
+
+    out = tmp_path_factory.mktemp("tiny_vae")
+    train(compose_train(["stage=vae", "debug=fast", "logger=csv", "data.batch_size=8"], out))
+    return out / "export"

@@ -286,10 +286,10 @@ class StreamDataModule(LightningDataModule):
         return SampleDecoder(transform, self.seed, labelled=bool(meta.get("num_classes")),
                              captioned=bool(meta.get("has_captions")), latents=latents, embeddings=embeddings)
 
-    def _loader(self, dataset: Any):
+    def _loader(self, dataset: Any, persistent: bool = False):
         return _loader_class()(dataset, batch_size=self.batch_size, num_workers=self.num_workers,
                                    collate_fn=collate_stream, pin_memory=torch.cuda.is_available(),
-                                   persistent_workers=False)
+                                   persistent_workers=persistent and self.num_workers > 0)
 
     def train_dataloader(self):
         if self.train_dataset is None:
@@ -299,7 +299,10 @@ class StreamDataModule(LightningDataModule):
     def val_dataloader(self):
         if self.val_dataset is None:
             return []  # no val_path: Lightning skips validation when given an empty iterable
-        return self._loader(self.val_dataset)
+        # Validation workers persist: otherwise each validation starts them anew. Not the training ones: their
+        # dataset copies would miss the next epoch's shuffle and a resumed position (set on the main process's
+        # copy), and the training loader restarts once per epoch only.
+        return self._loader(self.val_dataset, persistent=True)
 
     def example_captions(self, count: int, seed: int) -> list[str]:
         """Up to ``count`` distinct captions of the validation shards (the training ones without), seeded."""

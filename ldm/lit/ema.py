@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -43,28 +44,61 @@ class EMA(nn.Module):
         # Parameters that do not train (a LoRA base, a freeze list) never change: the copy shares them instead of
         # holding a second one (a full SD UNet for a few MB of adapters), and only the trained ones are averaged.
         self.averaged = [n for n, p in model.named_parameters() if p.requires_grad]
+        self._shared: list[nn.Parameter] = []
         if len(self.averaged) < len(list(model.parameters())):
-            _share_frozen(self.model, model)
+            self._shared = _share_frozen(self.model, model)
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
 
-    def current_decay(self) -> float:
-        n = int(self.num_updates)
-        return min(self.config.decay, (1 + n) / (self.config.warmup_steps + n))
+    def current_weight(self) -> torch.Tensor:
+        """1 - the current decay, as a 0-dim tensor on the counter's device: max(1 - decay, (w - 1) / (w + n)).
+        Computed there, never read back: a host-side decay would cost a device sync every step."""
+        n = self.num_updates.to(torch.float32)
+        warm = (self.config.warmup_steps - 1) / (self.config.warmup_steps + n)
+        return torch.clamp(warm, min=1.0 - self.config.decay)
 
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        decay = self.current_decay()
+    def update(self, model: nn.Module, skip: torch.Tensor | None = None) -> None:
+        """Move the average towards ``model``'s weights. ``skip``: a 0-dim tensor, 1 (or True) for an optimizer
+        step that was skipped on the device (NonFiniteGuard): the average and the count then stay as they
+        are, with no host-device sync to find out."""
+        weight = self.current_weight()
+        keep = None
+        if skip is not None:
+            keep = 1 - skip.to(device=weight.device, dtype=torch.float32)
+            weight = weight * keep
         # FSDP: both copies are sharded alike (the backbone whole, a conditioner embedder by embedder), so each
         # rank averages its own shards, no communication; a forward without backward left them gathered.
         sharding.reshard(self.model)
         ema, live = dict(self.model.named_parameters()), dict(model.named_parameters())
         ema_params = [sharding.local(ema[n]) for n in self.averaged]
         live_params = [sharding.local(live[n].detach()) for n in self.averaged]
-        # ema <- ema + (1 - decay) * (live - ema), one fused kernel over all tensors.
-        torch._foreach_lerp_(ema_params, [p.to(e.dtype) for p, e in zip(live_params, ema_params)], 1.0 - decay)
+        if ema_params:
+            # ema <- ema + (1 - decay) * (live - ema). The weight is a device tensor, passed once per tensor: the
+            # overload taking one tensor weight reads it on the host (a sync).
+            weight = weight.to(ema_params[0].device)
+            live_params = [p.to(e.dtype) for p, e in zip(live_params, ema_params)]
+            torch._foreach_lerp_(ema_params, live_params, [weight] * len(ema_params))
         for ema_buf, buf in zip(self.model.buffers(), model.buffers()):
             ema_buf.copy_(buf)
-        self.num_updates += 1
+        self.num_updates += 1 if keep is None else keep.to(self.num_updates.device, torch.long)
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> EMA:
+        """Device moves apply; casts to 16-bit floats do not: the average stays in fp32.
+
+        Under ``precision=bf16-true`` Lightning casts the whole module to bf16. An average at decay 0.9999 moves
+        by 1e-4 of the gap per step, below bf16's resolution (8 bits of mantissa, 2^-8 relative): the EMA
+        would silently freeze. It stays fp32 and is evaluated under autocast (``LatentDiffusionModule``)."""
+        probe = fn(torch.zeros((), dtype=torch.float32))
+        if probe.dtype not in (torch.bfloat16, torch.float16):
+            return super()._apply(fn, recurse)
+        shared = {id(p) for p in self._shared}  # the live model's frozen tensors follow the live model
+
+        def move_only(t: torch.Tensor) -> torch.Tensor:
+            if id(t) in shared or not t.is_floating_point():
+                return fn(t)
+            return t.to(device=probe.device)
+
+        return super()._apply(move_only, recurse)
 
     def train(self, mode: bool = True) -> EMA:
         # The averaged copy is only ever evaluated (dropout off).
@@ -73,9 +107,12 @@ class EMA(nn.Module):
         return self
 
 
-def _share_frozen(copy_: nn.Module, model: nn.Module) -> None:
-    """Point ``copy_``'s parameters that are frozen in ``model`` at ``model``'s own tensors."""
+def _share_frozen(copy_: nn.Module, model: nn.Module) -> list[nn.Parameter]:
+    """Point ``copy_``'s parameters that are frozen in ``model`` at ``model``'s own tensors; returns them."""
+    shared = []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             owner, _, leaf = name.rpartition(".")
             setattr(copy_.get_submodule(owner) if owner else copy_, leaf, param)
+            shared.append(param)
+    return shared

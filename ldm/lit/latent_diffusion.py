@@ -4,6 +4,7 @@ Lightning-free model (``ldm.model.LatentDiffusion``: backbone + conditioner + fr
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 from dataclasses import dataclass, field
@@ -103,6 +104,7 @@ class LatentDiffusionModule(pl.LightningModule):
         self._guidance = None  # the preview's resolved guidance (ldm.io.guide), at setup
         self._preview_prompts: list[str] | None = None
         self._frozen_hash: str | None = None
+        self._bucket_stats: torch.Tensor | None = None  # (2, buckets): loss sums and counts since the last log
         if self.speed.compile_unet:
             self.model.backbone.compile(mode=self.speed.compile_mode)
 
@@ -174,27 +176,56 @@ class LatentDiffusionModule(pl.LightningModule):
         loss = per_sample.mean()
         batch_size = per_sample.shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
-        self._log_loss_buckets(per_sample.detach(), t)
+        self._log_loss_buckets(per_sample.detach(), t, batch_idx)
         return loss
 
-    def _log_loss_buckets(self, per_sample: torch.Tensor, t: torch.Tensor) -> None:
+    def _log_loss_buckets(self, per_sample: torch.Tensor, t: torch.Tensor, batch_idx: int) -> None:
+        """Sums and counts per quarter of the timestep range accumulate on the device (bincount: no sync); every
+        ``trainer.log_every_n_steps`` optimizer steps they are summed over ranks and logged as means."""
         num_timesteps = self.model.objective.schedule.num_train_timesteps
         bucket = (t.float() * NUM_LOSS_BUCKETS / num_timesteps).long().clamp_(0, NUM_LOSS_BUCKETS - 1)
+        sums = torch.bincount(bucket, weights=per_sample.float(), minlength=NUM_LOSS_BUCKETS)
+        counts = torch.bincount(bucket, minlength=NUM_LOSS_BUCKETS).to(sums.dtype)
+        stats = torch.stack([sums, counts])  # (2, buckets)
+        self._bucket_stats = stats if self._bucket_stats is None else self._bucket_stats + stats
+        if not self._is_logging_step(batch_idx):
+            return
+        stats = self.trainer.strategy.reduce(self._bucket_stats, reduce_op="sum")
+        self._bucket_stats = None
+        # An empty bucket is NaN (no sample fell there), not a loss of 0.
+        means = stats[0] / stats[1].where(stats[1] > 0, torch.nan)
         for b in range(NUM_LOSS_BUCKETS):
-            mask = bucket == b
-            if mask.any():
-                self.log(f"train/loss_t{b}", per_sample[mask].mean(), batch_size=int(mask.sum()))
+            self.log(f"train/loss_t{b}", means[b], batch_size=1)
+
+    def _is_logging_step(self, batch_idx: int) -> bool:
+        """The last micro-batch of an optimizer step after which Lightning writes the logs."""
+        trainer = self.trainer
+        every = max(1, int(trainer.log_every_n_steps))
+        last_micro_batch = (batch_idx + 1) % max(1, int(trainer.accumulate_grad_batches)) == 0
+        return last_micro_batch and (self.global_step + 1) % every == 0
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)
         # Averaged here, once per optimizer step (not per accumulated micro-batch), and before any callback's
         # on_train_batch_end: a checkpoint a callback writes there (ResumeCheckpoint on a requeue signal)
         # must hold this step's average. A step whose gradients were dropped (NonFiniteGuard sets them to
-        # None) left the weights alone, so the EMA must not count it either.
+        # None, or flags the optimizer's found_inf on the device) left the weights alone, so the EMA must not
+        # count it either.
         if self.ema is not None and any(p.grad is not None for p in self.model.backbone.parameters()):
-            self.ema.update(self.model.backbone)
+            optimizer = self.optimizers(use_pl_optimizer=False)
+            optimizer = optimizer[0] if isinstance(optimizer, list) else optimizer
+            skip = getattr(optimizer, "found_inf", None)
+            self.ema.update(self.model.backbone, skip=skip)
             if self.ema_conditioner is not None:
-                self.ema_conditioner.update(self.model.conditioner)
+                self.ema_conditioner.update(self.model.conditioner, skip=skip)
+
+    def ema_precision(self) -> contextlib.AbstractContextManager:
+        """Where the EMA copy evaluates: under ``precision=bf16-true`` (16-bit live weights) the EMA stays fp32
+        (``EMA._apply``) and runs under autocast to the live dtype, so it takes the same inputs."""
+        live = next(self.model.backbone.parameters()).dtype
+        if self.ema is None or live not in (torch.bfloat16, torch.float16):
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=live)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         every = self.preview.every_n_steps
@@ -205,7 +236,8 @@ class LatentDiffusionModule(pl.LightningModule):
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         # The same noise and timesteps at every validation, so the curve shows the model, not the draw.
         generator = torch.Generator(device=self.device).manual_seed(10_000 + batch_idx)
-        per_sample, _ = self.sampler().loss(batch, generator=generator)
+        with self.ema_precision():
+            per_sample, _ = self.sampler().loss(batch, generator=generator)
         # Synced: the checkpoint monitor must see every rank's share of the validation set, not rank 0's.
         self.log("val/loss", per_sample.mean(), prog_bar=True, batch_size=per_sample.shape[0], sync_dist=True)
         if self.ema is not None:
@@ -223,9 +255,10 @@ class LatentDiffusionModule(pl.LightningModule):
         nrow = self.preview.per_class
         guidance = self._guidance.to(self.device) if self._guidance is not None else None
         for scale in self.preview.guidance_scales:
-            images = sample_sharded(sampler, conditions, self.image_size, self.preview.seed,
-                                    sampler=self.preview.sampler, guidance_scale=scale,
-                                    guidance_rescale=self.preview.guidance_rescale, guidance=guidance)
+            with self.ema_precision():
+                images = sample_sharded(sampler, conditions, self.image_size, self.preview.seed,
+                                        sampler=self.preview.sampler, guidance_scale=scale,
+                                        guidance_rescale=self.preview.guidance_rescale, guidance=guidance)
             if self.trainer.is_global_zero:
                 log_image_grid(self.trainer, f"samples_cfg{scale:g}", images, nrow=nrow)
 

@@ -9,7 +9,6 @@ N/2 steps + resume + N/2 steps end in the same state, bit for bit on CPU.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import random
 import re
@@ -23,9 +22,9 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-log = logging.getLogger("ldm.reliability")
+from ldm.lit.nonfinite import NAN_POLICIES, NonFiniteGuard, NonFiniteLossError  # noqa: F401 (their old home)
 
-NAN_POLICIES = ("skip", "stop")
+log = logging.getLogger("ldm.reliability")
 
 
 # --- RNG state ------------------------------------------------------------------------------------
@@ -103,12 +102,18 @@ class ResumeCheckpoint(pl.Callback):
     (``ldm-train`` exits with status 143) and ``ckpt_path=last`` continues it exactly. A step boundary, not any
     micro-batch: under gradient accumulation the gradients summed so far are in no checkpoint, so a resumed run
     would take its first step on part of a batch. This replaces Lightning's handlers, which stop after any
-    micro-batch (SIGTERM) or save from inside the signal handler, mid-step (SLURM's SIGUSR1).
+    micro-batch (SIGTERM) or save from inside the signal handler, mid-step (SLURM's SIGUSR1). The ranks compare
+    notes every ``every_n_steps`` optimizer steps (an all-reduce is a host-device sync): keep their time well
+    inside the scheduler's warning (90 s by default).
     """
 
-    def __init__(self, dirpath: str, filename: str = "last", requeue_signals: list[str] | tuple[str, ...] = ("SIGUSR1", "SIGUSR2")) -> None:
+    def __init__(self, dirpath: str, filename: str = "last", requeue_signals: list[str] | tuple[str, ...] = ("SIGUSR1", "SIGUSR2"),
+                 every_n_steps: int = 1) -> None:
         if not filename:
             raise ValueError("ResumeCheckpoint needs a filename (without .ckpt)")
+        if every_n_steps < 1:
+            raise ValueError(f"ResumeCheckpoint every_n_steps must be >= 1, got {every_n_steps}")
+        self.every_n_steps = int(every_n_steps)
         unknown = [name for name in requeue_signals if not isinstance(getattr(signal, str(name), None), signal.Signals)]
         if unknown:
             raise ValueError(f"unknown requeue_signals {unknown}: use names such as SIGUSR1, SIGUSR2")
@@ -157,7 +162,10 @@ class ResumeCheckpoint(pl.Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         if trainer.global_step == self._step_at_batch_start:
             return  # no optimizer step in this micro-batch: its accumulated gradients would be lost
-        # Every rank joins this at the same step boundaries (one tiny all-reduce per step), so all stop together.
+        # Every rank joins this all-reduce, so all stop at the same step boundary; every_n_steps optimizer steps
+        # only (the same steps on every rank), as each is a host-device sync.
+        if trainer.global_step % self.every_n_steps:
+            return
         if not trainer.strategy.reduce_boolean_decision(self._requested is not None, all=False):
             return
         trainer.save_checkpoint(self.ckpt_path)
@@ -218,116 +226,6 @@ def requeue_slurm_job() -> str | None:
         log.warning("scontrol requeue %s failed (%d): %s", job_id, result.returncode, result.stderr.strip())
         return None
     return job_id
-
-
-# --- non-finite guard -----------------------------------------------------------------------------
-class NonFiniteLossError(RuntimeError):
-    """Training met a non-finite loss or gradient and was configured (or forced) to stop."""
-
-
-class NonFiniteGuard(pl.Callback):
-    """Detects a non-finite loss or gradient before it reaches the weights.
-
-    Every loss that is backpropagated and every gradient an optimizer is about to apply are checked
-    (both stages: automatic and manual optimisation pass through the same hooks). On a bad step the
-    gradients are dropped (set to None), so the optimizer leaves the weights and its moments alone and
-    the EMA, which follows weight updates only, is untouched. Then, by ``policy``:
-
-    * ``skip``: count it (``train/nonfinite_skipped``), warn with the step and the loss terms, continue;
-      more than ``max_consecutive_skips`` bad steps in a row means the run has diverged, and it stops.
-    * ``stop``: write ``nonfinite-step<N>.ckpt`` (the last good weights) and raise ``NonFiniteLossError``
-      naming the step, the loss terms and that checkpoint.
-
-    A skipped step still counts towards ``max_steps`` and the LR schedule, as GradScaler's skips do.
-    Under fp16 mixed precision the loss scaler already skips steps with overflowing gradients (it needs
-    them to calibrate), so there only the loss is checked.
-    """
-
-    def __init__(self, policy: str = "skip", max_consecutive_skips: int = 10, dirpath: str | None = None) -> None:
-        if policy not in NAN_POLICIES:
-            raise ValueError(f"nan guard policy must be one of {NAN_POLICIES}, got {policy!r}")
-        if max_consecutive_skips < 0:
-            raise ValueError(f"max_consecutive_skips must be >= 0, got {max_consecutive_skips}")
-        self.policy = policy
-        self.max_consecutive_skips = int(max_consecutive_skips)
-        self.dirpath = Path(dirpath) if dirpath is not None else None
-        self.skipped = 0
-        self.consecutive = 0
-        self._bad_loss = False
-        self._bad_step = False
-        self._bad_what: list[str] = []
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"skipped": self.skipped, "consecutive": self.consecutive}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.skipped = int(state_dict.get("skipped", 0))
-        self.consecutive = int(state_dict.get("consecutive", 0))
-
-    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
-        if not bool(torch.isfinite(loss.detach()).all()):
-            self._bad_loss = True
-
-    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
-        bad = []
-        if self._bad_loss:
-            bad.append("loss")
-        if getattr(trainer.precision_plugin, "scaler", None) is None and not gradients_finite(optimizer):
-            bad.append("gradient")
-        self._bad_loss = False
-        if bad:
-            # No gradient, no update: torch optimizers skip parameters whose .grad is None entirely
-            # (no moment update, no weight decay, no step count).
-            optimizer.zero_grad(set_to_none=True)
-            self._bad_step = True
-            self._bad_what.extend(w for w in bad if w not in self._bad_what)
-
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        bad, what = self._bad_step, " and ".join(self._bad_what)
-        self._bad_step, self._bad_what = False, []
-        if not bad:
-            self.consecutive = 0
-        else:
-            self.skipped += 1
-            self.consecutive += 1
-        pl_module.log("train/nonfinite_skipped", float(self.skipped), on_step=True, on_epoch=False, batch_size=1)
-        if not bad:
-            return
-        terms = loss_terms(trainer, outputs)
-        step = trainer.global_step
-        diverged = self.consecutive > self.max_consecutive_skips
-        if self.policy == "skip" and not diverged:
-            log.warning("non-finite %s at step %d (%s): step skipped, %d skipped so far", what, step, terms, self.skipped)
-            return
-        ckpt = (self.dirpath or Path(trainer.default_root_dir) / "checkpoints") / f"nonfinite-step{step:07d}.ckpt"
-        trainer.save_checkpoint(ckpt)
-        reason = (
-            f"{self.consecutive} steps in a row (callbacks.nan_guard.max_consecutive_skips={self.max_consecutive_skips}): "
-            "the run has diverged" if diverged else "callbacks.nan_guard.policy=stop"
-        )
-        raise NonFiniteLossError(
-            f"non-finite {what} at step {step} ({terms}); stopped by {reason}. The last good weights are in "
-            f"{ckpt} (resuming from it continues after this batch). Try a lower learning rate, "
-            "trainer.gradient_clip_val=1.0, or trainer.precision=32-true"
-            + ("" if diverged else ", or callbacks.nan_guard.policy=skip to skip such steps")
-        )
-
-
-def gradients_finite(optimizer: Any) -> bool:
-    """Whether every gradient the optimizer holds is finite (one device sync: max |g| over all)."""
-    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-    if not grads:
-        return True
-    # The max-norm never overflows on finite values and is NaN/inf as soon as one entry is.
-    return bool(torch.isfinite(torch.nn.utils.get_total_norm(grads, norm_type=math.inf)))
-
-
-def loss_terms(trainer: pl.Trainer, outputs: Any) -> str:
-    """The training losses logged this step, ``name=value`` joined, for error messages."""
-    values = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/") and "nonfinite" not in k}
-    if not values and isinstance(outputs, dict) and torch.is_tensor(outputs.get("loss")):
-        values["loss"] = float(outputs["loss"])
-    return ", ".join(f"{k}={v:.4g}" for k, v in sorted(values.items())) or "no loss logged"
 
 
 # --- logs -----------------------------------------------------------------------------------------

@@ -22,10 +22,14 @@ def group_norm(channels: int, eps: float = 1e-5) -> nn.GroupNorm:
 
 
 class GroupNorm32(nn.GroupNorm):
-    """Normalises in float32: group statistics in fp16/bf16 are too coarse (CompVis does the same)."""
+    """Normalises in float32: group statistics in fp16/bf16 are too coarse (CompVis does the same). The affine
+    weights go to float32 with the input: under precision=bf16-true they are bf16, which group_norm refuses
+    beside a float32 input."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.float()).type(x.dtype)
+        weight = None if self.weight is None else self.weight.float()
+        bias = None if self.bias is None else self.bias.float()
+        return F.group_norm(x.float(), self.num_groups, weight, bias, self.eps).type(x.dtype)
 
 
 class CrossAttention(nn.Module):

@@ -288,6 +288,7 @@ class DiT(nn.Module):
         grid = input_size // patch_size
         # persistent: official checkpoints carry `pos_embed`, and strict loading then checks the grid size
         self.register_buffer("pos_embed", sincos_pos_embed_2d(hidden_size, grid, grid, grid, grid))
+        self._grid_positions: dict[tuple, torch.Tensor] = {}  # other grids' positions; not state (from sizes alone)
         self.blocks = nn.ModuleList(
             DiTBlock(hidden_size, num_heads, mlp_ratio, context_dim, gradient_checkpointing) for _ in range(depth)
         )
@@ -321,7 +322,13 @@ class DiT(nn.Module):
         base = self.input_size // self.patch_size
         if (grid_h, grid_w) == (base, base):
             return self.pos_embed
-        return sincos_pos_embed_2d(self.hidden_size, grid_h, grid_w, base, base).to(self.pos_embed.device)
+        # Other grids (aspect buckets, other resolutions) are built once per grid and device: rebuilt per
+        # forward, each would be a float64 computation on the CPU and a host-to-device copy every step.
+        key = (grid_h, grid_w, self.pos_embed.device)
+        if key not in self._grid_positions:
+            positions = sincos_pos_embed_2d(self.hidden_size, grid_h, grid_w, base, base)
+            self._grid_positions[key] = positions.to(self.pos_embed.device)
+        return self._grid_positions[key]
 
     def unpatchify(self, tokens: torch.Tensor, grid_h: int, grid_w: int) -> torch.Tensor:
         """(B, h*w, p*p*C) -> (B, C, h*p, w*p); each token's values are laid out (p, p, C), as official DiT."""

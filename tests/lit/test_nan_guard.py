@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ldm.lit.reliability import NonFiniteGuard, NonFiniteLossError
+from ldm.lit.nonfinite import NonFiniteGuard, NonFiniteLossError
 
 
 def poison(loss: torch.Tensor, layer: nn.Linear, kind: str) -> torch.Tensor:
@@ -23,10 +23,10 @@ def poison(loss: torch.Tensor, layer: nn.Linear, kind: str) -> torch.Tensor:
 class Tiny(pl.LightningModule):
     """AdamW with weight decay on a linear layer: any update, even from zero gradients, would move the weights."""
 
-    def __init__(self, bad_steps=(), kind: str = "loss") -> None:
+    def __init__(self, bad_steps=(), kind: str = "loss", fused: bool = False) -> None:
         super().__init__()
         self.layer = nn.Linear(4, 1)
-        self.bad_steps, self.kind = set(bad_steps), kind
+        self.bad_steps, self.kind, self.fused = set(bad_steps), kind, fused
         self.weights: dict[int, torch.Tensor] = {}
 
     def training_step(self, batch, batch_idx):
@@ -40,7 +40,7 @@ class Tiny(pl.LightningModule):
         self.weights[self.global_step] = self.layer.weight.detach().clone()
 
     def configure_optimizers(self):
-        return torch.optim.AdamW(self.parameters(), lr=0.1, weight_decay=0.1)
+        return torch.optim.AdamW(self.parameters(), lr=0.1, weight_decay=0.1, fused=self.fused)
 
     def train_dataloader(self):
         return DataLoader(torch.randn(64, 4, generator=torch.Generator().manual_seed(0)), batch_size=4)
@@ -78,10 +78,10 @@ class TinyManual(pl.LightningModule):
         return DataLoader(torch.randn(64, 4, generator=torch.Generator().manual_seed(0)), batch_size=4)
 
 
-def fit(module: pl.LightningModule, guard: NonFiniteGuard, tmp_path, max_steps: int) -> pl.Trainer:
+def fit(module: pl.LightningModule, guard: NonFiniteGuard, tmp_path, max_steps: int, callbacks=(), **kwargs) -> pl.Trainer:
     trainer = pl.Trainer(
         max_steps=max_steps, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, callbacks=[guard], default_root_dir=tmp_path,
+        enable_model_summary=False, callbacks=[guard, *callbacks], default_root_dir=tmp_path, **kwargs,
     )
     trainer.fit(module)
     return trainer
@@ -122,6 +122,35 @@ def test_too_many_skips_in_a_row_stop_the_run(tmp_path):
     with pytest.raises(NonFiniteLossError, match="3 steps in a row .*max_consecutive_skips=2.*diverged"):
         fit(module, NonFiniteGuard(policy="skip", max_consecutive_skips=2, dirpath=str(tmp_path)), tmp_path, max_steps=10)
     assert (tmp_path / "nonfinite-step0000003.ckpt").is_file()
+    assert torch.equal(module.layer.weight, initial)
+
+
+@pytest.mark.parametrize("kind", ["loss", "grad"])
+def test_fused_adamw_skips_on_the_device_and_the_host_reads_counts_at_logging_steps(tmp_path, caplog, kind):
+    from ldm.lit.syncs import StepSyncCounter
+
+    module = Tiny(bad_steps={1}, kind=kind, fused=True)
+    counter = StepSyncCounter()
+    with caplog.at_level("WARNING", logger="ldm.reliability"):
+        trainer = fit(module, NonFiniteGuard(policy="skip", dirpath=str(tmp_path)), tmp_path, max_steps=6,
+                      callbacks=[counter], log_every_n_steps=3)
+    w = module.weights
+    assert torch.equal(w[2], w[1])  # the bad second step moved nothing, not even weight decay
+    assert all(not torch.equal(w[s + 1], w[s]) for s in (2, 3, 4, 5))
+    assert adam_steps(trainer.optimizers[0]) == [5, 5]  # fused AdamW took back its step count
+    assert trainer.callback_metrics["train/nonfinite_skipped"] == 1
+    found = "loss and gradient" if kind == "loss" else "gradient"
+    assert f"non-finite {found} at step 2: 1 step(s) skipped since the last check (step 3)" in caplog.text
+    assert {step: n for step, n in counter.counts.items() if n} == {3: 1, 6: 1}  # the guard read its counts there only
+
+
+def test_device_side_skips_in_a_row_stop_the_run_at_the_next_check(tmp_path):
+    module = Tiny(bad_steps=set(range(100)), fused=True)
+    initial = module.layer.weight.detach().clone()
+    guard = NonFiniteGuard(policy="skip", max_consecutive_skips=2, dirpath=str(tmp_path))
+    with pytest.raises(NonFiniteLossError, match="non-finite loss and gradient at step 1 .*4 steps in a row .*diverged"):
+        fit(module, guard, tmp_path, max_steps=10, log_every_n_steps=4)
+    assert (tmp_path / "nonfinite-step0000001.ckpt").is_file()
     assert torch.equal(module.layer.weight, initial)
 
 

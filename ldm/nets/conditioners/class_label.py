@@ -42,11 +42,7 @@ class ClassEmbedder(Embedder):
         labels = torch.as_tensor(labels)
         if labels.ndim != 1 or labels.is_floating_point():
             raise ValueError(f"Class labels must be a (B,) integer tensor, got {tuple(labels.shape)} {labels.dtype}.")
-        if labels.numel() and (labels.min() < 0 or labels.max() >= self.num_classes):
-            raise ValueError(
-                f"Labels must lie in [0, {self.num_classes}); got range [{int(labels.min())}, {int(labels.max())}]. "
-                "Set num_classes to the dataset's number of classes."
-            )
+        check_label_range(labels, self.num_classes)
         labels = torch.where(drop.to(labels.device), self.null_class, labels.long())
         return self._embed(labels)
 
@@ -63,3 +59,19 @@ class ClassEmbedder(Embedder):
 
     def example_inputs(self, request: ExampleRequest) -> torch.Tensor | None:
         return request.labels  # None (a set organised by prompts): the null class
+
+
+def check_label_range(labels: torch.Tensor, num_classes: int) -> None:
+    """Labels outside [0, num_classes) fail with a clear error on the CPU; on an accelerator, with a device-side
+    assert: reading the range back to the host would stall every training step."""
+    if not labels.numel():
+        return
+    if labels.device.type != "cpu":
+        torch._assert_async((labels.min() >= 0) & (labels.max() < num_classes),
+                            f"class labels must lie in [0, {num_classes}): set num_classes to the dataset's number of classes")
+        return
+    if labels.min() < 0 or labels.max() >= num_classes:
+        raise ValueError(
+            f"Labels must lie in [0, {num_classes}); got range [{int(labels.min())}, {int(labels.max())}]. "
+            "Set num_classes to the dataset's number of classes."
+        )

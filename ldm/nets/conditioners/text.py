@@ -123,8 +123,10 @@ class FrozenTextEncoder(Embedder):
     def encode(self, captions: Sequence[str], drop: torch.Tensor) -> torch.Tensor:
         if isinstance(captions, str) or not all(isinstance(c, str) for c in captions):
             raise ValueError("Captions must be a list of strings, one per sample.")
-        captions = ["" if dropped else caption for caption, dropped in zip(captions, drop.tolist())]
-        return self._embed(captions)
+        # Dropped captions are replaced by the tokens of "" on the device: choosing the strings on the host would
+        # read the drop mask back (drop.tolist(), a device sync every training step).
+        null = self._null_tokens() if self.freeze else self._run_encoder([""])
+        return precomputed_context(self._embed(list(captions)), drop, null)
 
     def unconditional(self, batch_size: int, device: torch.device | str | None = None) -> torch.Tensor:
         return self._embed([""] * batch_size)
