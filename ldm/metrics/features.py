@@ -96,7 +96,7 @@ def extract_features(extractor: FeatureExtractor, images: Any, rows: range, batc
     device = next(extractor.parameters()).device
     with torch.no_grad():
         for start in range(rows.start, rows.stop, batch_size):
-            batch = np.ascontiguousarray(images[start : min(rows.stop, start + batch_size)])
+            batch = np.array(images[start : min(rows.stop, start + batch_size)])  # a copy: memory maps are read-only
             batch = torch.from_numpy(batch[..., None] if batch.ndim == 3 else batch).permute(0, 3, 1, 2)
             chunks.append(extractor(batch.to(device)).float().cpu())
     return torch.cat(chunks)

@@ -139,7 +139,8 @@ def kid_torchmetrics_features(
         )
     metric.real_features.append(torch.as_tensor(reference_features, dtype=torch.float64))
     metric.fake_features.append(fake)
-    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+    with torch.no_grad(), torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "compute before update": the state was filled directly
         torch.manual_seed(seed)
         mean, std = metric.compute()
     return {

@@ -47,7 +47,8 @@ class Observations:
 
     def update(self, images: np.ndarray, labels: Any = None, prompts: list[str] | None = None) -> None:
         """Observe a batch of uint8 (B, H, W, C) images (with the labels/prompts they were generated for)."""
-        images = np.ascontiguousarray(images[..., None] if images.ndim == 3 else images)
+        # A copy: a slice of a read-only memory map cannot back a tensor.
+        images = np.array(images[..., None] if images.ndim == 3 else images)
         batch = torch.from_numpy(images).permute(0, 3, 1, 2)
         self.count += len(images)
         with torch.no_grad():

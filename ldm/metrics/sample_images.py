@@ -62,6 +62,10 @@ class ImageFiles:
     def __len__(self) -> int:
         return len(self.files)
 
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        """All the images at once (``np.asarray``): for small folders and tests only."""
+        return self[:] if dtype is None else self[:].astype(dtype)
+
     def __getitem__(self, index: slice) -> np.ndarray:
         from concurrent.futures import ThreadPoolExecutor
 
