@@ -228,7 +228,24 @@ def check_config(cfg: DictConfig) -> str:
             raise ConfigError(f"unknown {key} {unknown}; choose from {list(valid)}")
     if str(cfg.features) not in ("judge", "inception"):
         raise ConfigError(f"features must be 'judge' or 'inception', got {cfg.features!r}")
+    if cfg.get("reference_stats") is not None:
+        check_reference_stats(cfg)
     return modes[0]
+
+
+def check_reference_stats(cfg: DictConfig) -> None:
+    """``reference_stats=`` readable and as wide as the features, checked before any sample is drawn."""
+    from ldm.metrics import FeatureStats
+    from ldm.metrics.classifier import JudgeArch
+
+    path = Path(str(cfg.reference_stats))
+    if not path.is_file():
+        raise ConfigError(f"reference_stats={path} does not exist (write it with write_reference_stats=<file.npz>)")
+    width = {"judge": JudgeArch().feature_dim, "inception": 2048}[str(cfg.features)]
+    dim = len(FeatureStats.load(path).mu)
+    if dim != width:
+        raise ConfigError(f"reference_stats={path} holds {dim}-d statistics but features={cfg.features} gives "
+                          f"{width}-d features: use statistics of the same features (write_reference_stats=...)")
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
