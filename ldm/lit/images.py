@@ -38,20 +38,22 @@ def log_image_grid(trainer, key: str, images: Tensor, nrow: int, caption: str | 
 
 
 def preview_conditions(model: Any, preview: Any) -> tuple[dict[str, Any], int]:
-    """(conditions, images per row) of a preview grid: ``per_class`` images for each of a fixed, seeded subset
-    of at most ``max_images // per_class`` classes (or prompts), the same subset at every preview, so grids
-    stay comparable and small for 1,000 classes."""
-    per = max(1, min(int(preview.per_class), int(preview.max_images)))
-    groups = max(1, int(preview.max_images) // per)
+    """(conditions, images per row) of a preview grid of at most ``max_images``: every class (or prompt) with
+    ``per_class`` images each when they fit; every class with fewer each when only that fits (MNIST's 10 x 6);
+    else ``per_class`` images of each of a fixed, seeded subset of the classes (ImageNet's 1,000: 8 x 8), the
+    same subset at every preview, so grids stay comparable and small."""
+    cap, per = int(preview.max_images), max(1, int(preview.per_class))
     prompts = list(preview.prompts or [])
-    num_classes = model.conditioner.num_classes
+    groups = len(prompts) or model.conditioner.num_classes
+    if not groups:  # unconditional, or the conditioner's own example inputs (a text model's default prompts)
+        conditions = model.example_conditions(min(per, cap))
+        return slice_conditions(conditions, 0, min(batch_size_of(conditions), cap)), min(per, cap)
+    if groups * per > cap and groups <= cap:
+        per = cap // groups
+    chosen = capped_groups(groups, max(1, cap // per), preview.seed)
     if prompts:
-        conditions = model.example_conditions(per, prompts=[prompts[i] for i in capped_groups(len(prompts), groups, preview.seed)])
-    elif num_classes:
-        conditions = model.example_conditions(per, labels=capped_groups(num_classes, groups, preview.seed))
-    else:  # unconditional, or the conditioner's own example inputs (a text model's default prompts)
-        conditions = model.example_conditions(per)
-    return slice_conditions(conditions, 0, min(batch_size_of(conditions), groups * per)), per
+        return model.example_conditions(per, prompts=[prompts[i] for i in chosen]), per
+    return model.example_conditions(per, labels=chosen), per
 
 
 def draw_preview(trainer: Any, model: Any, conditions: dict[str, Any], image_size: int, key: str, nrow: int,

@@ -67,6 +67,11 @@ def _collective_forward(model: Any) -> bool:
     return any(type(p).__name__ == "DTensor" for p in model.backbone.parameters())
 
 
+def _host_buffer(shape: tuple[int, ...]) -> np.ndarray:
+    """Where a batch lands on the host (one place, so a test can count the images alive at once)."""
+    return np.empty(shape, dtype=np.uint8)
+
+
 def sample_stream(model: Any, conditions: dict[str, Any], image_size: int, seed: int, batch_size: int = 256,
                   edit: Any = None, **sample_kwargs: Any) -> Iterator[SampleBatch]:
     """This rank's batches of the set ``conditions`` describes, as uint8 NHWC host arrays, one at a time.
@@ -88,8 +93,7 @@ def sample_stream(model: Any, conditions: dict[str, Any], image_size: int, seed:
                               uint8=True, **sample_kwargs)
         if not keep:
             continue
-        # Copied into a numpy-owned buffer: the host side of a set is then visible to tracemalloc.
-        host = np.empty(tuple(images.shape), dtype=np.uint8)
+        host = _host_buffer(tuple(images.shape))
         torch.from_numpy(host).copy_(images)
         del images
         yield SampleBatch(start, host, chunk)

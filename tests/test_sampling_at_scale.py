@@ -1,0 +1,137 @@
+"""Sampling at ImageNet's size, simulated on the CPU: a 1,000-class model (the tiny UNet on 8x8 latents) on 2 gloo
+processes draws its previews, in-training metrics and final samples (2,000 images) as streams. A probe
+(tests/probe/sitecustomize.py) records every collective's payload and the sample images alive at once in each
+process: no collective carries an image, no rank holds more than a few batches, and ``torchrun ldm-evaluate``
+on 2 processes draws exactly the images one process draws."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ldm.lit.images import preview_conditions
+from ldm.lit.latent_diffusion import PreviewConfig
+from ldm.nets.conditioners import ClassEmbedder, Conditioner
+
+REPO = Path(__file__).resolve().parents[1]
+PROBE = Path(__file__).resolve().parent / "probe"
+BATCH = 100
+JUDGE_DIM = 128  # the digit judge's features: what the metrics gather instead of the images
+SCALE = ["cond.num_classes=1000", "sampler=ddim", "sampler.steps=2",
+         "stage.module.preview.every_n_steps=2", "stage.module.preview.guidance_scales=[1.5]",
+         "callbacks=sample_metrics", "callbacks.sample_metrics.every_n_steps=2", "callbacks.sample_metrics.per_class=1",
+         "callbacks.sample_metrics.metrics=[accuracy,fid]", f"callbacks.sample_metrics.batch_size={BATCH}",
+         "stage.final_samples.per_class=2", f"stage.final_samples.batch_size={BATCH}", "stage.final_samples.metrics=[fid]"]
+
+
+def env(probe: Path | None = None) -> dict[str, str]:
+    extra = {"LDM_PROBE_DIR": str(probe), "PYTHONPATH": f"{PROBE}{os.pathsep}{REPO}"} if probe else {"PYTHONPATH": str(REPO)}
+    return dict(os.environ, OMP_NUM_THREADS="1", **extra)
+
+
+def run(cmd: list[str], environment: dict[str, str], timeout: float) -> None:
+    proc = subprocess.run(cmd, cwd=REPO, env=environment, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{cmd[:4]} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+
+
+def probes(folder: Path) -> list[dict]:
+    """The records of the processes that sampled (a launcher process samples nothing)."""
+    records = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
+    return sorted((r for r in records if r["sampled_images"]), key=lambda r: r["rank"])
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def assert_no_images_crossed(record: dict, largest_share: int) -> None:
+    """No collective payload is an image batch (4-D) or a large pickled object, and none is larger than one
+    rank's share of the features (the images of that share are 8x bigger, uint8 32x32: 1,024 bytes each)."""
+    items = [item for c in record["collectives"] for item in c["payload"]]
+    assert items, "the probe saw no collective"
+    assert not [i for i in items if i["shape"] is not None and len(i["shape"]) >= 3], "a collective carried images"
+    assert max(i["bytes"] for i in items if i["shape"] is None) < 64 << 10, "a large object was pickled across"
+    assert max(i["bytes"] for i in items) <= largest_share * JUDGE_DIM * 4
+
+
+def sampler(conditioner: Conditioner) -> SimpleNamespace:
+    """What preview_conditions reads of a LatentDiffusion."""
+    return SimpleNamespace(conditioner=conditioner, example_conditions=conditioner.example_conditions)
+
+
+def test_preview_grid_is_a_fixed_capped_subset_of_a_thousand_classes():
+    model = sampler(Conditioner([ClassEmbedder(num_classes=1000, embed_dim=4)]))
+    first, nrow = preview_conditions(model, PreviewConfig())
+    again, _ = preview_conditions(model, PreviewConfig())
+    other, _ = preview_conditions(model, PreviewConfig(seed=7))
+    assert len(first["label"]) == 64 and nrow == 8 and len(set(first["label"].tolist())) == 8
+    assert first["label"].tolist() == again["label"].tolist() != other["label"].tolist()
+    mnist = sampler(Conditioner([ClassEmbedder(num_classes=10, embed_dim=4)]))
+    ten, nrow = preview_conditions(mnist, PreviewConfig())  # every digit, fewer of each: 10 x 6 <= 64
+    assert sorted(set(ten["label"].tolist())) == list(range(10)) and nrow == 6 and len(ten["label"]) == 60
+
+
+@pytest.fixture(scope="module")
+def stage1_export(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("vae")
+    run([sys.executable, "-m", "ldm.train", "stage=vae", "debug=fast", "data.batch_size=16", f"hydra.run.dir={out}"],
+        env(), timeout=400)
+    return out / "export"
+
+
+@pytest.mark.timeout(1500)
+def test_a_thousand_classes_on_two_processes_stream_without_gathering_images(stage1_export, tmp_path):
+    run_dir, probe = tmp_path / "run", tmp_path / "probe_train"
+    probe.mkdir()
+    run([sys.executable, "-m", "ldm.train", "stage=ldm", f"first_stage.path={stage1_export}", "debug=fast",
+         "model/ldm=unet_tiny", "trainer=ddp_sim", *SCALE, f"hydra.run.dir={run_dir}"], env(probe), timeout=900)
+
+    # Previews: 8 of the 1,000 classes x 8, at steps 2 and 4 (a 1,000-class grid would be 8,000 images).
+    for step in (2, 4):
+        with Image.open(run_dir / "images" / f"samples_cfg1.5_step{step:07d}.png") as grid:
+            assert grid.size == (8 * 34 + 2, 8 * 34 + 2)
+    assert not list((run_dir / "images" / ".preview").glob("*.npz"))
+    # Final samples: 2 per class, joined from the ranks' parts in class order.
+    with np.load(run_dir / "samples" / "samples.npz") as final:
+        assert final["arr_0"].shape == (2000, 32, 32, 1)
+        assert final["labels"].tolist() == np.repeat(np.arange(1000), 2).tolist()
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["accuracy_n"] == 2000 and results["fid_n"] == 2000 and results["fid"] > 0
+    assert not list((run_dir / "samples").glob(".*parts*"))
+
+    ranks = probes(probe)
+    assert [r["rank"] for r in ranks] == [0, 1]
+    for record in ranks:
+        # Each rank drew half of every set: 2 previews x 64, 2 measurements x 1,000 (one at train end), 2,000.
+        assert record["sampled_images"] == (2 * 64 + 2 * 1000 + 2000) // 2
+        assert record["peak_live_images"] <= 3 * BATCH  # a few batches, never a rank's share (1,000)
+        assert_no_images_crossed(record, largest_share=1000)
+
+    # ldm-evaluate on the trained model: 2 processes under torchrun draw exactly what one process draws.
+    args = ["-m", "ldm.evaluate", f"model_path={run_dir / 'export'}", "n=2", "sampler=ddim", "sampler.steps=2",
+            "guidance_scale=1.5", "metrics=[fid]", f"batch_size={BATCH}"]
+    single, multi, probe = tmp_path / "single", tmp_path / "multi", tmp_path / "probe_eval"
+    probe.mkdir()
+    run([sys.executable, *args, f"out_dir={single}"], env(), timeout=600)
+    run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}", *args,
+         f"out_dir={multi}"], env(probe), timeout=600)
+    with np.load(single / "samples.npz") as a, np.load(multi / "samples.npz") as b:
+        assert a["arr_0"].shape == (2000, 32, 32, 1)
+        np.testing.assert_array_equal(a["arr_0"], b["arr_0"])  # the same batches, seeds and code: bit for bit
+        np.testing.assert_array_equal(a["labels"], b["labels"])
+    one, two = (json.loads((d / "metrics.json").read_text())["metrics"]["fid"] for d in (single, multi))
+    assert one["n"] == two["n"] == 2000 and one["value"] == pytest.approx(two["value"], rel=1e-6)
+    for record in probes(probe):
+        assert record["peak_live_images"] <= 3 * BATCH
+        assert_no_images_crossed(record, largest_share=1000)
