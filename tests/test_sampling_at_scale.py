@@ -135,3 +135,56 @@ def test_a_thousand_classes_on_two_processes_stream_without_gathering_images(sta
     for record in probes(probe):
         assert record["peak_live_images"] <= 3 * BATCH
         assert_no_images_crossed(record, largest_share=1000)
+
+
+def test_the_first_stage_decodes_in_automatic_chunks_unless_told(monkeypatch):
+    import torch
+
+    import ldm.model.first_stage as first_stage_module
+    from ldm.model import FirstStage
+
+    class Recording(torch.nn.Module):
+        embed_dim, downsample_factor = 3, 4
+
+        def __init__(self):
+            super().__init__()
+            self.sizes: list[int] = []
+
+        def decode(self, z):
+            self.sizes.append(len(z))
+            return z.repeat_interleave(4, -1).repeat_interleave(4, -2)
+
+    autoencoder = Recording()
+    stage = FirstStage(autoencoder, scale_factor=1.0)
+    monkeypatch.setattr(first_stage_module, "AUTO_CHUNK_PIXELS", 3 * 32 * 32)  # three 32 px images a chunk
+    stage.decode(torch.zeros(8, 3, 8, 8))
+    assert autoencoder.sizes == [3, 3, 2]
+    autoencoder.sizes, stage.chunk_size = [], 5
+    stage.decode(torch.zeros(8, 3, 8, 8))
+    assert autoencoder.sizes == [5, 3]
+
+
+def test_the_backbone_samples_under_autocast_while_the_sampler_state_stays_fp32():
+    import torch
+
+    from ldm.model.latent_diffusion import autocast_backbone, sampling_autocast
+
+    assert sampling_autocast("cpu", "bf16-mixed") is None  # not faster on the CPU at our sizes
+    assert sampling_autocast("cuda", "bf16-mixed") is torch.bfloat16
+    assert sampling_autocast("cuda", "16-mixed") is torch.float16
+    assert sampling_autocast("cuda", "32-true") is None
+    seen = []
+
+    class Backbone(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(4, 4)
+
+        def forward(self, x, t, context=None, y=None):
+            out = self.linear(x)
+            seen.append(out.dtype)
+            return out
+
+    run = autocast_backbone(Backbone(), torch.bfloat16)
+    out = run(torch.zeros(2, 4), torch.zeros(2), {"context": None, "y": None, "concat": None})
+    assert seen == [torch.bfloat16] and out.dtype == torch.float32

@@ -27,7 +27,10 @@ if os.environ.get("LDM_PROBE_DIR"):
             return [item for v in value for item in describe(v)]
         if value is None or isinstance(value, (int, float, str, bool)):
             return []
-        return [{"shape": None, "dtype": type(value).__name__, "bytes": len(pickle.dumps(value))}]
+        try:  # what an object collective pickles; a process group or other handle is no payload
+            return [{"shape": None, "dtype": type(value).__name__, "bytes": len(pickle.dumps(value))}]
+        except (TypeError, pickle.PicklingError, AttributeError):
+            return []
 
     def traced(name, original):
         def collective(*args, **kwargs):
