@@ -4,7 +4,7 @@ processes (gloo, one thread each): the path of ldm-sample / final samples / ldm-
     OMP_NUM_THREADS=1 python benchmarks/sampling_scale.py --images 4000 --procs 1 2
 
 A small untrained model of the right shapes (weights do not change the cost): the tiny UNet on 3x8x8 latents, a
-2-level-per-factor KL autoencoder decoding to 64x64 RGB (12 KB per uint8 image, 48 KB in float32), 1,000 classes,
+small KL autoencoder (f = 4) decoding to 32x32 RGB (3 KB per uint8 image, 12 KB in float32), 1,000 classes,
 DDIM with 2 steps. Run with PYTHONPATH pointing at another checkout to measure its code: before the streaming
 sampler (no ldm.model.sharded.sample_stream) the set is drawn with sample_sharded, gathered on every rank and saved
 by rank 0.
@@ -31,13 +31,13 @@ from ldm.nets.autoencoder import AutoencoderKL
 from ldm.nets.conditioners import ClassEmbedder, Conditioner
 from ldm.nets.unet import TransformerSpec, UNetModel
 
-SIZE, CLASSES, SAMPLER = 64, 1000, {"name": "ddim", "steps": 2}
+SIZE, CLASSES, SAMPLER = 32, 1000, {"name": "ddim", "steps": 2}
 
 
 def build() -> LatentDiffusion:
     torch.manual_seed(0)
     unet = UNetModel(3, 3, 32, (1, 2), 1, TransformerSpec(attention_resolutions=(2,), num_heads=2, context_dim=16))
-    ddconfig = dict(ch=16, ch_mult=[1, 2, 2, 2], num_res_blocks=1, z_channels=3, attn_resolutions=[], in_channels=3,
+    ddconfig = dict(ch=16, ch_mult=[1, 2, 2], num_res_blocks=1, z_channels=3, attn_resolutions=[], in_channels=3,
                     out_ch=3, resolution=SIZE, dropout=0.0, double_z=True, use_mid_attn=False, norm_num_groups=8)
     first_stage = FirstStage(AutoencoderKL(ddconfig, embed_dim=3), scale_factor=1.0, sample_posterior=False)
     conditioner = Conditioner([ClassEmbedder(CLASSES, embed_dim=16, drop_rate=0.0)])
@@ -83,7 +83,7 @@ def worker(rank: int, world: int, port: int, n: int, batch_size: int, folder: st
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=int, nargs="+", default=[4000])
+    parser.add_argument("--images", type=int, nargs="+", default=[400, 1200])
     parser.add_argument("--procs", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--batch-size", type=int, default=250)
     args = parser.parse_args()

@@ -189,3 +189,27 @@ def test_the_backbone_samples_under_autocast_while_the_sampler_state_stays_fp32(
     run = autocast_backbone(Backbone(), torch.bfloat16)
     out = run(torch.zeros(2, 4), torch.zeros(2), {"context": None, "y": None, "concat": None})
     assert seen == [torch.bfloat16] and out.dtype == torch.float32
+
+
+def test_rank_parts_join_into_one_npz_that_is_read_memory_mapped(tmp_path):
+    from ldm.io.samples import PartWriter, join_parts, open_images
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (7, 4, 4, 3), dtype=np.uint8)
+    parts = []
+    for rank, (start, stop) in enumerate([(0, 4), (4, 4), (4, 7)]):  # rank 1 drew nothing
+        writer = PartWriter(tmp_path / f"rank{rank}.npy", stop - start)
+        for row in range(start, stop, 2):
+            writer.write(images[row : min(stop, row + 2)])
+        parts.append(writer.close())
+    path = join_parts(tmp_path / "samples.npz", parts, labels=np.arange(7), prompts=[f"p{i}" for i in range(7)])
+    with np.load(path) as stored:
+        np.testing.assert_array_equal(stored["arr_0"], images)
+        assert stored["labels"].tolist() == list(range(7)) and stored["prompts"][3] == "p3"
+    mapped = open_images(path)
+    assert isinstance(mapped, np.memmap)
+    np.testing.assert_array_equal(mapped[2:5], images[2:5])
+    with pytest.raises(ValueError, match="3 of 4 rows"):
+        short = PartWriter(tmp_path / "short.npy", 4)
+        short.write(images[:3])
+        short.close()
