@@ -12,7 +12,6 @@ whose weights are not available here (Inception Score, CLIP score, LPIPS) are sk
 from __future__ import annotations
 
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -23,6 +22,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ldm import distributed, run_notes
+from ldm.backends import set_tf32
 from ldm.cli import run_cli
 from ldm.config import ConfigError, register_resolvers, sweep_group, sweep_tags, user_errors_as_messages
 from ldm.io.export import write_text_atomic
@@ -48,15 +48,17 @@ USER_ERRORS = (ValueError, OSError)
 RECONSTRUCTION_METRICS = ("psnr", "ssim", "lpips", "fid")
 
 
-def generate(cfg: DictConfig, out_dir: Path) -> SampleSet | None:
-    """Model mode: sample with the ldm-sample settings, keep the samples (npz + manifest), return them.
+def generate(cfg: DictConfig, out_dir: Path) -> SampleSet:
+    """Model mode: sample with the ldm-sample settings into ``samples.npz`` (+ manifest), and return the set
+    (memory-mapped, not loaded).
 
-    Under ``torchrun --nproc_per_node=N -m ldm.evaluate model_path=...`` every rank draws a share of the set
-    (seed + rank, on its own GPU); rank 0 gets the whole set back and measures it, the others return None."""
+    Under ``torchrun --nproc_per_node=N -m ldm.evaluate model_path=...`` every rank draws its share of the batches
+    (the same images one process would draw) into its part of the npz, rank 0 joins the parts, and every rank
+    gets the set back to measure its share of it."""
     from ldm.io.load import load_ldm
-    from ldm.io.samples import save_samples_npz, write_manifest
-    from ldm.model import sample_sharded
-    from ldm.sample import build_conditions, file_hash, guidance_scales, sampling_guidance
+    from ldm.io.samples import sample_to_npz, write_manifest
+    from ldm.model.sharded import rank_batches
+    from ldm.sample import build_conditions, file_hash, guidance_scales, sampling_guidance, sampling_precision
 
     sampler, info = load_ldm(Path(str(cfg.model_path)), distributed.local_device(), bool(cfg.use_ema))
     sampler_cfg = OmegaConf.to_container(cfg.sampler) if cfg.get("sampler") else dict(info["config"]["sampler"])
@@ -84,49 +86,72 @@ def generate(cfg: DictConfig, out_dir: Path) -> SampleSet | None:
     hooks = [net.register_forward_hook(lambda *_: unet_calls.append(1)) for net in networks]
     started = time.perf_counter()
     try:
-        images = sample_sharded(sampler, conditions, image_size, int(cfg.seed), sampler=dict(sampler_cfg),
-                                guidance_scale=scale, batch_size=int(cfg.batch_size),
-                                guidance_rescale=float(cfg.guidance_rescale), guidance=guidance)
+        npz = sample_to_npz(sampler, conditions, image_size, int(cfg.seed), out_dir / "samples.npz",
+                            batch_size=int(cfg.batch_size), sampler=dict(sampler_cfg),
+                            guidance_scale=scale, guidance_rescale=float(cfg.guidance_rescale), guidance=guidance,
+                            autocast_dtype=sampling_precision(cfg, info, sampler.device))
     finally:
         for hook in hooks:
             hook.remove()
     seconds = time.perf_counter() - started
-    if distributed.rank() != 0:
-        return None
-    batches = math.ceil(math.ceil(count / world) / int(cfg.batch_size))  # this rank's batches
+    batches = max(1, len(rank_batches(count, int(cfg.batch_size))[0]))  # rank 0's (the most)
     # CFG runs the conditional and unconditional halves in one batched call, so a call is one NFE here.
     cost = {"nfe": len(unet_calls) / batches, "generate_s": seconds, "images_per_s": count / seconds}
-    labels, prompts = conditions.get("label"), conditions.get("caption")
-    npz = save_samples_npz(out_dir / "samples.npz", images, labels=labels, prompts=prompts)
-    write_manifest(out_dir / "manifest.json", {
-        "command": OmegaConf.to_container(cfg, resolve=True), "sampler": sampler_cfg, "seed": int(cfg.seed),
-        "guidance_scale": scale, "guidance_rescale": float(cfg.guidance_rescale),
-        "guidance": guidance_record,
-        "image_size": image_size, "model": str(cfg.model_path), "world_size": world,
-        "model_sha256": file_hash(Path(str(cfg.model_path))), "cost": cost,
-    })
+    if distributed.rank() == 0:
+        write_manifest(out_dir / "manifest.json", {
+            "command": OmegaConf.to_container(cfg, resolve=True), "sampler": sampler_cfg, "seed": int(cfg.seed),
+            "guidance_scale": scale, "guidance_rescale": float(cfg.guidance_rescale), "guidance": guidance_record,
+            "image_size": image_size, "model": str(cfg.model_path), "world_size": world,
+            "batch_size": int(cfg.batch_size), "model_sha256": file_hash(Path(str(cfg.model_path))), "cost": cost,
+        })
     samples = load_samples(npz)
     samples.cost = cost
     return samples
 
 
-def evaluate_samples(cfg: DictConfig, samples: SampleSet) -> dict[str, Any]:
+def evaluate_samples(cfg: DictConfig, samples: SampleSet) -> tuple[dict[str, Any], SampleMetrics]:
+    """The metrics of ``samples`` (every rank of a distributed run calls it and measures its share)."""
     resolution, channels = samples.images.shape[1], samples.images.shape[-1]
     if cfg.image_size is not None and int(cfg.image_size) != resolution:
         raise ConfigError(f"the samples are {resolution} px but image_size={cfg.image_size}")
     measure = SampleMetrics(cfg, resolution, channels)
     metrics, skipped = measure.run(samples, [str(m) for m in cfg.metrics])
     warning = run_notes.small_sample_warning(len(samples.images), [str(m) for m in cfg.metrics], int(cfg.kid.subset_size))
-    if warning:
+    if warning and distributed.rank() == 0:
         print(warning, file=sys.stderr, flush=True)
-    return {
+    report = {
         "metrics": metrics,
         "skipped": skipped,
         "samples": {"source": samples.source, "n": len(samples.images), "resolution": resolution,
                     "channels": channels, "labels": samples.labels is not None},
-        "reference": {"name": str(cfg.reference), "key": measure.key, "split": str(cfg.reference_split)},
+        "reference": {"name": str(cfg.reference), "key": measure.key, "split": str(cfg.reference_split),
+                      "stats": None if cfg.get("reference_stats") is None else str(cfg.reference_stats)},
         "cost": samples.cost,
     }
+    return report, measure
+
+
+def reference_only(cfg: DictConfig) -> SampleMetrics:
+    """The measure of the reference alone (``write_reference_stats=`` without samples): its resolution is
+    ``image_size`` (32 for mnist5k), its channels those of its images."""
+    if cfg.image_size is None and str(cfg.reference) != "mnist5k":
+        raise ConfigError("set image_size=<the resolution to compare at> to write a folder reference's statistics")
+    resolution = int(cfg.image_size or 32)
+    channels = reference_source(cfg, resolution, str(cfg.reference_split))[1]().shape[-1]
+    return SampleMetrics(cfg, resolution, channels)
+
+
+def write_reference_stats(cfg: DictConfig, measure: SampleMetrics) -> Path:
+    """The reference's mu/sigma (ADM's format, plus count and extractor name) at ``write_reference_stats``, so
+    later evaluations read them instead of the reference (``reference_stats=``). Every rank calls it."""
+    from ldm.metrics.features import cache_identity
+
+    stats = measure.reference_stats()
+    path = Path(str(cfg.write_reference_stats))
+    if distributed.rank() == 0:
+        stats.save(path, **cache_identity(measure.key, measure.resolution, measure.extractor.name))
+        print(f"reference statistics ({len(stats.mu)}-d {stats.feature_name}, n={stats.count}): {path}", flush=True)
+    return path
 
 
 @torch.no_grad()
@@ -146,7 +171,7 @@ def evaluate_autoencoder(cfg: DictConfig) -> dict[str, Any]:
     if in_channels != originals.shape[-1]:
         raise ConfigError(f"the autoencoder takes {in_channels}-channel images, reference={cfg.reference} has {originals.shape[-1]}")
     autoencoder = autoencoder.to(device())
-    measure = SampleMetrics(cfg, resolution, originals.shape[-1], split="val")
+    measure = SampleMetrics(cfg, resolution, originals.shape[-1], split="val", collective=False)
     x = torch.from_numpy(originals).permute(0, 3, 1, 2).float() / 127.5 - 1  # (N, C, H, W) in [-1, 1]
     batches = x.split(int(cfg.batch_size))
     # Judged as saved: quantised to 8 bits like the originals.
@@ -167,7 +192,8 @@ def evaluate_autoencoder(cfg: DictConfig) -> dict[str, Any]:
         values = torch.cat([lpips(a.to(device()), b.to(device())).cpu() for a, b in zip((pred * 2 - 1).split(len(batches[0])), batches)])
         metrics["lpips"] = {"value": float(values.mean()), "n": n, "features": "lpips-vgg16"}
     if "fid" in names:
-        metrics["rfid"] = measure.fid(SampleSet(recon))
+        fid, _ = measure.run(SampleSet(recon), ["fid"])
+        metrics["rfid"] = fid["fid"]
     return {"metrics": metrics, "skipped": skipped, "autoencoder": str(cfg.autoencoder),
             "reference": {"name": str(cfg.reference), "key": measure.key, "split": "val"}}
 
@@ -195,8 +221,16 @@ def summary_line(metrics: dict[str, Any], skipped: dict[str, str]) -> str:
 def check_config(cfg: DictConfig) -> str:
     """The mode (samples, model_path or autoencoder), after checking what can be checked before any work."""
     modes = [key for key in ("samples", "model_path", "autoencoder") if cfg.get(key) is not None]
+    if not modes and cfg.get("write_reference_stats") is not None:
+        modes = ["reference"]
     if len(modes) != 1:
-        raise ConfigError(f"give exactly one of samples=, model_path=, autoencoder= (got {modes or 'none'})")
+        raise ConfigError(f"give exactly one of samples=, model_path=, autoencoder= (got {modes or 'none'}), or "
+                          "write_reference_stats=<file.npz> alone")
+    if cfg.get("reference_stats") is not None and cfg.get("write_reference_stats") is not None:
+        raise ConfigError("give reference_stats= (read them) or write_reference_stats= (compute them from reference=), "
+                          "not both")
+    if str(cfg.get("precision", "auto")) not in ("auto", "32", "bf16", "16"):
+        raise ConfigError(f"precision must be auto, 32, bf16 or 16, got {cfg.precision!r}")
     for key, valid in (("metrics", SAMPLE_METRICS), ("reconstruction_metrics", RECONSTRUCTION_METRICS)):
         unknown = sorted({str(m) for m in cfg[key]} - set(valid))
         if unknown:
@@ -205,25 +239,48 @@ def check_config(cfg: DictConfig) -> str:
         raise ConfigError(f"features must be 'judge' or 'inception', got {cfg.features!r}")
     if modes[0] == "samples" and not Path(str(cfg.samples)).exists():
         raise ConfigError(run_notes.missing_samples(Path(str(cfg.samples))))
+    if cfg.get("reference_stats") is not None:
+        check_reference_stats(cfg)
     return modes[0]
+
+
+def check_reference_stats(cfg: DictConfig) -> None:
+    """``reference_stats=`` readable and as wide as the features, checked before any sample is drawn."""
+    from ldm.metrics import FeatureStats
+    from ldm.metrics.classifier import JudgeArch
+
+    path = Path(str(cfg.reference_stats))
+    if not path.is_file():
+        raise ConfigError(f"reference_stats={path} does not exist (write it with write_reference_stats=<file.npz>)")
+    width = {"judge": JudgeArch().feature_dim, "inception": 2048}[str(cfg.features)]
+    dim = len(FeatureStats.load(path).mu)
+    if dim != width:
+        raise ConfigError(f"reference_stats={path} holds {dim}-d statistics but features={cfg.features} gives "
+                          f"{width}-d features: use statistics of the same features (write_reference_stats=...)")
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Run the configured evaluation; writes ``metrics.json`` to ``out_dir`` and returns the report."""
     mode = check_config(cfg)
-    # Under torchrun the ranks share the sampling of model mode; the rest is rank 0's alone.
+    set_tf32(cfg.get("tf32"))
+    # Under torchrun the ranks share the sampling and the feature extraction; the autoencoder mode is rank 0's alone.
     distributed.init_from_environment()
-    if mode != "model_path" and distributed.rank() != 0:
+    if mode == "autoencoder" and distributed.rank() != 0:
         return {}
     out_dir = Path(str(cfg.out_dir))
     out_dir.mkdir(parents=True, exist_ok=True)
+    if mode == "reference":
+        return {"written": [str(write_reference_stats(cfg, reference_only(cfg)))]}
+    measure = None
     if mode == "autoencoder":
         report = evaluate_autoencoder(cfg)
     else:
         samples = load_samples(cfg.samples) if mode == "samples" else generate(cfg, out_dir)
-        if samples is None:
-            return {}  # a rank other than 0 has drawn its share
-        report = evaluate_samples(cfg, samples)
+        report, measure = evaluate_samples(cfg, samples)
+    if measure is not None and cfg.get("write_reference_stats") is not None:
+        report["reference"]["stats_written"] = str(write_reference_stats(cfg, measure))
+    if distributed.rank() != 0:
+        return {}  # rank 0 reports the numbers every rank holds
     report["summary"] = summary_line(report["metrics"], report["skipped"])
     text = json.dumps(report, indent=2, sort_keys=True)
     write_text_atomic(out_dir / "metrics.json", text)

@@ -24,6 +24,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image, ImageOps
 
+from ldm.backends import set_tf32
 from ldm.config import (
     ConfigError,
     check_constructor_keys,
@@ -190,6 +191,7 @@ def prepare(cfg: DictConfig) -> dict[str, Any]:
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="prepare")
 def main(cfg: DictConfig) -> None:
     with user_errors_as_messages("ldm-prepare"):
+        set_tf32(cfg.get("tf32"))
         result = prepare(cfg)
     print(f"ldm-prepare: {result['num_samples']} samples in {result['num_shards']} shards at {cfg.output} "
           f"({result['shards_written']} written, {result['shards_reused']} already finished, "

@@ -17,12 +17,16 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from PIL import Image
 from rich.progress import Progress
 
+from ldm import distributed
+from ldm.backends import set_tf32
 from ldm.cli import run_cli
 from ldm.config import ConfigError, register_resolvers, user_errors_as_messages
 from ldm.io.images import save_png, to_uint8_grid
-from ldm.io.samples import save_samples_npz, to_uint8_nhwc, write_manifest
+from ldm.io.samples import open_images, sample_to_npz, write_manifest
 from ldm.model import LatentDiffusion, LatentEdit
 from ldm.model.inpainting import inpaint_condition
+from ldm.model.latent_diffusion import sampling_autocast
+from ldm.model.sharded import SampleBatch
 
 register_resolvers()
 # An absolute path: relative ones would be resolved against the `ldm` package, where conf/ is not.
@@ -46,6 +50,7 @@ def guidance_scales(value: Any, info: dict[str, Any]) -> list[float]:
         if value is None:
             value = ((config.get("stage") or {}).get("final_samples") or {}).get("guidance_scale", DEFAULT_GUIDANCE_SCALE)
     return [float(s) for s in (value if isinstance(value, (list, ListConfig)) else [value])]
+GRID_IMAGES = 256  # images in grid.png at most (the npz and the PNG files hold them all)
 
 
 def file_hash(path: Path) -> str:
@@ -155,12 +160,24 @@ def sampling_guidance(cfg: DictConfig, model: LatentDiffusion, model_path: Path)
     return resolve_guidance(config, model, str(model_path)), config.describe()
 
 
+def sampling_precision(cfg: DictConfig, info: dict[str, Any], device: torch.device | str) -> torch.dtype | None:
+    """The backbone's autocast dtype: ``precision=auto`` takes the training run's (``trainer.precision``)."""
+    precision = str(cfg.get("precision", "auto"))
+    if precision == "auto":
+        precision = OmegaConf.select(OmegaConf.create(info.get("config") or {}), "trainer.precision")
+    return sampling_autocast(device, precision)
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
+    """Under ``torchrun`` the ranks share the batches of each guidance scale (the same images as one process
+    draws); each writes its PNGs and its part of ``samples.npz``, which rank 0 joins."""
     from ldm.io.load import load_ldm
 
     samples_per_condition(cfg)  # before the model loads: a typo should not wait for it
+    set_tf32(cfg.get("tf32"))
+    distributed.init_from_environment()
     model_path = Path(str(cfg.model_path))
-    sampler, info = load_ldm(model_path, "cuda" if torch.cuda.is_available() else "cpu", bool(cfg.use_ema))
+    sampler, info = load_ldm(model_path, distributed.local_device(), bool(cfg.use_ema))
     sampler_cfg = OmegaConf.to_container(cfg.sampler) if cfg.get("sampler") else dict(info["config"]["sampler"])
     image_size = int(cfg.image_size or info["config"]["data"]["image_size"])
     conditions = build_conditions(cfg, sampler)
@@ -180,30 +197,38 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     rescale = float(cfg.guidance_rescale)
     if not 0.0 <= rescale <= 1.0:
         raise ConfigError(f"guidance_rescale is a mixing weight in [0, 1], got {rescale}")
+    autocast = sampling_precision(cfg, info, sampler.device)
     out_dir = Path(cfg.out_dir)
     results = {}
     for scale in scales:
         folder = out_dir / (f"guidance_scale={float(scale):g}" if len(scales) > 1 else "")
-        generator = torch.Generator(device=sampler.device).manual_seed(int(cfg.seed))
-        with Progress() as progress:
+        with Progress(disable=distributed.rank() != 0) as progress:
             task = progress.add_task(f"sampling (cfg {float(scale):g})", total=count)
-            images = sampler.sample(
-                conditions, image_size, dict(sampler_cfg), float(scale), generator, int(cfg.batch_size),
-                progress=lambda done, total, task=task: progress.update(task, completed=done), edit=edit,
-                guidance_rescale=rescale, guidance=guidance,
-            )
-        save_samples_npz(folder / "samples.npz", images, labels=conditions.get("label"), prompts=conditions.get("caption"))
-        save_png(to_uint8_grid(images, nrow=int(cfg.n)), folder / "grid.png")
-        if cfg.save_pngs:
-            for i, array in enumerate(to_uint8_nhwc(images)):
-                save_png(array if array.shape[-1] == 3 else np.repeat(array, 3, axis=-1), folder / "images" / f"{i:05d}.png")
-        write_manifest(folder / "manifest.json", {
-            "command": OmegaConf.to_container(cfg, resolve=True), "sampler": sampler_cfg,
-            "guidance_scale": float(scale), "guidance_rescale": rescale, "guidance": guidance_record, "seed": int(cfg.seed), "image_size": image_size,
-            "model": str(model_path), "model_sha256": file_hash(model_path), "count": count,
-        })
-        results[float(scale)] = str(folder / "samples.npz")
-        print(f"samples (cfg {float(scale):g}): {folder / 'samples.npz'}, grid: {folder / 'grid.png'}", flush=True)
+
+            def written(batch: SampleBatch, task: Any = task, progress: Any = progress, folder: Path = folder) -> None:
+                if cfg.save_pngs:
+                    for i, array in enumerate(batch.images, start=batch.start):
+                        save_png(array if array.shape[-1] == 3 else np.repeat(array, 3, axis=-1), folder / "images" / f"{i:05d}.png")
+                progress.advance(task, len(batch.images) * distributed.world_size())
+
+            npz = sample_to_npz(sampler, conditions, image_size, int(cfg.seed), folder / "samples.npz",
+                                batch_size=int(cfg.batch_size), on_batch=written, sampler=dict(sampler_cfg),
+                                guidance_scale=float(scale), guidance_rescale=rescale, guidance=guidance, edit=edit,
+                                autocast_dtype=autocast)
+        if distributed.rank() == 0:
+            # The grid shows the first GRID_IMAGES: a 1,000-class set would otherwise be one PNG of 8,000 images.
+            shown = np.array(open_images(npz)[: min(count, GRID_IMAGES)])
+            grid = torch.from_numpy(shown).permute(0, 3, 1, 2).float() / 127.5 - 1
+            save_png(to_uint8_grid(grid, nrow=int(cfg.n)), folder / "grid.png")
+            write_manifest(folder / "manifest.json", {
+                "command": OmegaConf.to_container(cfg, resolve=True), "sampler": sampler_cfg,
+                "guidance_scale": float(scale), "guidance_rescale": rescale, "guidance": guidance_record,
+                "seed": int(cfg.seed),
+                "image_size": image_size, "model": str(model_path), "model_sha256": file_hash(model_path),
+                "count": count, "batch_size": int(cfg.batch_size), "world_size": distributed.world_size(),
+            })
+            print(f"samples (cfg {float(scale):g}): {npz}, grid: {folder / 'grid.png'}", flush=True)
+        results[float(scale)] = str(npz)
     return results
 
 

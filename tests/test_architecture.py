@@ -20,7 +20,8 @@ ALLOWED = {
     "nets": {"errors"},
     "diffusion": {"errors"},
     "model": {"nets", "diffusion", "errors", "distributed"},
-    "io": {"model", "nets", "diffusion", "errors", "config"},
+    # sample sets are written in parts, one per rank, and joined on rank 0
+    "io": {"model", "nets", "diffusion", "errors", "config", "distributed"},
     "metrics": {"model", "nets", "io", "data", "errors", "distributed"},
     # data preparation runs the frozen first stage and text encoder (latent caches, encoded shards)
     "data": {"io", "model", "nets", "errors", "distributed"},

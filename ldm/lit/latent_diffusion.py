@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import lightning.pytorch as pl
@@ -23,8 +23,9 @@ from ldm.io.checkpoint_io import (
 )
 from ldm.lit import sharding
 from ldm.lit.ema import EMA, EMAConfig
-from ldm.lit.images import log_image_grid
-from ldm.model import LatentDiffusion, sample_sharded
+from ldm.lit.images import draw_preview, preview_conditions
+from ldm.model import LatentDiffusion
+from ldm.model.latent_diffusion import sampling_autocast
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,8 @@ class PreviewConfig:
     data_prompts: int = 4
     sampler: dict[str, Any] | None = None
     seed: int = 1234
+    max_images: int = 64  # per grid: a fixed, seeded subset of the classes/prompts when they are more
+    batch_size: int = 16  # images per sampling batch (the ranks share the batches)
 
 
 @dataclass
@@ -57,7 +60,7 @@ class SpeedConfig:
     compile_mode: torch.compile mode ("default", "reduce-overhead", "max-autotune").
     channels_last: NHWC memory format for the backbone's convolutions (faster on tensor cores and oneDNN).
     vae_chunk_size: the frozen first stage encodes/decodes at most this many images at a time, which
-        bounds its activation memory for large batches; null = the whole batch at once.
+        bounds its activation memory for large batches; null = automatic (as many as 4 Mpx: 16 images at 512 px).
     fsdp_units: under FSDP, the backbone submodules (by class name) sharded as one unit each: one all-gather
         of their weights in forward, one reduce-scatter of their gradients in backward; None: the backbone's own
         ``fsdp_units``.
@@ -247,20 +250,19 @@ class LatentDiffusionModule(pl.LightningModule):
 
     @torch.no_grad()
     def log_previews(self) -> None:
-        """Every rank draws a share of the grid (under FSDP each forward is collective); rank 0 logs it."""
+        """Every rank draws a share of the capped grid (under FSDP each forward is collective); rank 0 logs it."""
         if self.image_size is None:
             return
         sampler = self.sampler()
-        conditions = sampler.example_conditions(self.preview.per_class, prompts=self.preview_prompts() or None)
-        nrow = self.preview.per_class
+        conditions, nrow = preview_conditions(sampler, replace(self.preview, prompts=self.preview_prompts()))
+        autocast = sampling_autocast(self.device, self.trainer.precision)
         guidance = self._guidance.to(self.device) if self._guidance is not None else None
         for scale in self.preview.guidance_scales:
             with self.ema_precision():
-                images = sample_sharded(sampler, conditions, self.image_size, self.preview.seed,
-                                        sampler=self.preview.sampler, guidance_scale=scale,
-                                        guidance_rescale=self.preview.guidance_rescale, guidance=guidance)
-            if self.trainer.is_global_zero:
-                log_image_grid(self.trainer, f"samples_cfg{scale:g}", images, nrow=nrow)
+                draw_preview(self.trainer, sampler, conditions, self.image_size, f"samples_cfg{scale:g}", nrow,
+                             self.preview.seed, self.preview.batch_size, sampler=self.preview.sampler,
+                             guidance_scale=scale, guidance_rescale=self.preview.guidance_rescale,
+                             autocast_dtype=autocast, guidance=guidance)
 
     def preview_prompts(self) -> list[str]:
         """The configured prompts; for a text model without classes and none configured, ``data_prompts`` captions

@@ -27,8 +27,9 @@ class SampleMetricsCallback(pl.Callback):
     each class (or ``per_class`` in all for an unconditional model) with the EMA weights and a fixed seed,
     measures ``metrics`` against the reference data, and logs ``val/<metric>`` with ``val/<metric>_n``.
 
-    Under data parallelism every rank draws a share of the set (seed + rank), rank 0 measures the gathered
-    set and the scalars are broadcast, so every rank holds identical ``trainer.callback_metrics``
+    Under data parallelism every rank draws a share of the set (the same images as one process would draw),
+    takes its features batch by batch, and rank 0 measures the gathered features; the scalars are broadcast,
+    so every rank holds identical ``trainer.callback_metrics``
     (checkpoint monitors then agree across ranks) and no collective runs on a subset of ranks.
     Values go to every logger via ``log_metrics`` at the current step: unlike ``pl_module.log`` in a
     training hook, that neither waits for ``log_every_n_steps`` nor is refused in ``on_train_end``.
@@ -136,38 +137,33 @@ class SampleMetricsCallback(pl.Callback):
     def compute(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
         """Generate the fixed set and measure it: ``{prefix + name: value, prefix + name_n: count, ...}``.
 
-        Every rank calls it: the set is drawn in shares across the ranks (``sample_sharded``), rank 0
-        measures it, and every rank returns rank 0's numbers."""
+        Every rank calls it: each draws its share of the set batch by batch (``sample_stream``) and keeps only
+        what the metrics need of each batch (features, the judge's predictions); those are gathered, the
+        images never are, and every rank returns rank 0's numbers."""
         from ldm import distributed
-        from ldm.model import sample_sharded
+        from ldm.metrics.final_samples import image_channels
+        from ldm.metrics.suite import SampleMetrics, flat_metrics
+        from ldm.model import sample_stream
+        from ldm.model.latent_diffusion import sampling_autocast
 
         if pl_module.image_size is None:
             raise ValueError("the module has no image_size yet: SampleMetricsCallback needs a datamodule with image_size")
         sampler = pl_module.sampler()  # samples in eval mode (LatentDiffusion.sample owns it)
         conditions = self.conditions(trainer, pl_module)
-        images = sample_sharded(sampler, conditions, int(pl_module.image_size), self.seed, sampler=self.sampler_cfg,
-                                guidance_scale=self.guidance_scale, guidance_rescale=self.guidance_rescale,
-                                batch_size=self.batch_size, guidance=self.guidance(pl_module).to(sampler.device))
-        return distributed.on_rank_zero(lambda: self._measure_set(images, conditions, trainer.global_step),
-                                        f"SampleMetricsCallback at step {trainer.global_step}")
-
-    def guidance(self, pl_module: pl.LightningModule) -> Any:
-        if self._guidance is None:  # compute() called outside a Trainer's fit
-            self.setup(None, pl_module, "fit")
-        return self._guidance
-
-    def _measure_set(self, images: torch.Tensor, conditions: dict[str, Any], step: int) -> dict[str, float]:
-        from ldm.metrics import to_uint8_nhwc
-        from ldm.metrics.suite import SampleMetrics, SampleSet, flat_metrics
-
-        labels = conditions.get("label")
-        samples = SampleSet(to_uint8_nhwc(images), None if labels is None else labels.numpy(),
-                            conditions.get("caption"), f"step {step}")
+        size = int(pl_module.image_size)
+        guidance = self.guidance(pl_module).to(sampler.device)
         if self._measure is None:
-            self._measure = SampleMetrics(self.eval_cfg, samples.images.shape[1], samples.images.shape[-1])
-        results, skipped = self._measure.run(samples, self.metrics)
-        for name, reason in skipped.items():
-            log.info("sample metric %s skipped: %s", name, reason)
+            self._measure = SampleMetrics(self.eval_cfg, size, image_channels(sampler))
+        seen = self._measure.observations(self.metrics, "label" in conditions, "caption" in conditions)
+        autocast = sampling_autocast(sampler.device, trainer.precision)
+        for batch in sample_stream(sampler, conditions, size, self.seed, self.batch_size, sampler=self.sampler_cfg,
+                                   guidance_scale=self.guidance_scale, guidance_rescale=self.guidance_rescale,
+                                   guidance=guidance, autocast_dtype=autocast):
+            seen.update(batch.images, batch.conditions.get("label"), batch.conditions.get("caption"))
+        results, skipped = self._measure.finish(seen)
+        if distributed.rank() == 0:
+            for name, reason in skipped.items():
+                log.info("sample metric %s skipped: %s", name, reason)
         flat = flat_metrics(results, self.prefix)
         # Values with their counts; settings such as KID's subset count stay out of the curves.
         return {k: float(v) for k, v in flat.items() if k.endswith(_LOGGED_SUFFIXES) or k[len(self.prefix):] in results}

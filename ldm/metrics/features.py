@@ -19,10 +19,13 @@ import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
+
+from ldm import distributed
 
 # Where torch-fidelity's own downloader puts the FID Inception weights; reused so one download serves both.
 INCEPTION_WEIGHTS_FILENAME = "weights-inception-2015-12-05-6726825d.pth"
@@ -58,8 +61,45 @@ def to_uint8_nhwc(images: np.ndarray | Tensor) -> np.ndarray:
         raise ValueError(f"float images must be (N, C, H, W) with C in {{1, 3}}, got {images.shape}")
     if not np.isfinite(images).all():
         raise ValueError("images contain NaN or inf; the generator output is broken, not just out of range")
-    quantised = np.clip(np.round((images.astype(np.float64) + 1.0) * 127.5), 0, 255).astype(np.uint8)
-    return np.ascontiguousarray(quantised.transpose(0, 2, 3, 1))
+    out = np.empty((images.shape[0], *images.shape[2:], images.shape[1]), dtype=np.uint8)
+    # In blocks: the float64 intermediate then costs a block, not a second copy of the whole set.
+    for start in range(0, len(images), 256):
+        block = images[start : start + 256].astype(np.float64)
+        out[start : start + 256] = np.clip(np.round((block + 1.0) * 127.5), 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
+    return out
+
+
+def gather_rows(local: torch.Tensor, collective: bool = True) -> torch.Tensor:
+    """The rows of ``local`` (N_r, ...) of every rank, in rank order, on the CPU (``local`` itself on a single
+    process). Tensors travel through ``all_gather`` (padded to the longest share), never pickled."""
+    if not collective or not distributed.is_distributed():
+        return local.cpu()
+    import torch.distributed as dist
+
+    device = distributed.local_device() if dist.get_backend() == "nccl" else torch.device("cpu")
+    local = local.to(device)
+    counts = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(distributed.world_size())]
+    dist.all_gather(counts, torch.tensor([len(local)], device=device))
+    sizes = [int(c) for c in counts]
+    if not max(sizes):
+        return local.cpu()
+    padded = torch.zeros((max(sizes), *local.shape[1:]), dtype=local.dtype, device=device)
+    padded[: len(local)] = local
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[:s] for p, s in zip(parts, sizes)]).cpu()
+
+
+def extract_features(extractor: FeatureExtractor, images: Any, rows: range, batch_size: int) -> torch.Tensor:
+    """float32 (len(rows), D) features of ``images[rows]`` (uint8 NHWC, any sliceable array), a batch at a time."""
+    chunks = [torch.zeros((0, extractor.num_features))]
+    device = next(extractor.parameters()).device
+    with torch.no_grad():
+        for start in range(rows.start, rows.stop, batch_size):
+            batch = np.array(images[start : min(rows.stop, start + batch_size)])  # a copy: memory maps are read-only
+            batch = torch.from_numpy(batch[..., None] if batch.ndim == 3 else batch).permute(0, 3, 1, 2)
+            chunks.append(extractor(batch.to(device)).float().cpu())
+    return torch.cat(chunks)
 
 
 def module_fingerprint(module: nn.Module, length: int = 12) -> str:
@@ -252,24 +292,41 @@ def reference_features(
     images_fn: Callable[[], np.ndarray | Tensor],
     cache_dir: str | os.PathLike,
     batch_size: int = 256,
+    collective: bool = True,
 ) -> np.ndarray:
     """Features of a real dataset, computed once and cached per (dataset, resolution, extractor name).
 
-    ``images_fn`` is only called on a cache miss; it returns the dataset's images in either accepted format.
+    ``images_fn`` is only called on a cache miss; it returns the dataset's images as uint8 NHWC, any sliceable
+    array (a lazily read folder included), or float NCHW in [-1, 1]. They are read a batch at a time; in a
+    distributed run (``collective``: every rank calls it) each rank extracts its share, rank 0 writes the cache.
     """
     path = reference_cache_path(cache_dir, dataset_key, resolution, extractor.name, "features")
     identity = cache_identity(dataset_key, resolution, extractor.name)
-    if path.is_file():
+
+    def cached() -> bool:
+        if not path.is_file():
+            return False
         with np.load(path, allow_pickle=False) as stored:
-            if identity_matches(stored, identity):
-                return stored["features"].astype(np.float64)
-    images = to_uint8_nhwc(images_fn())
+            return identity_matches(stored, identity)
+
+    # Rank 0 decides for all: ranks that disagreed about a hit would enter different collectives.
+    if distributed.broadcast_object(cached()) if collective else cached():
+        with np.load(path, allow_pickle=False) as stored:
+            return stored["features"].astype(np.float64)
+    images = images_fn()
+    if not isinstance(images, np.ndarray) or images.dtype != np.uint8:
+        images = to_uint8_nhwc(images) if isinstance(images, (np.ndarray, Tensor)) else images
     if images.shape[1] != resolution or images.shape[2] != resolution:
         raise ValueError(
             f"dataset {dataset_key!r} images are {images.shape[1]}x{images.shape[2]}, "
             f"but resolution={resolution} was requested"
         )
+    share = distributed.shard(len(images)) if collective else slice(0, len(images))
+    local = extract_features(extractor, images, range(share.start, share.stop), batch_size)
     # Stored as float32 to halve the file; return the stored values so a hit and a miss agree bit for bit.
-    features = extractor.extract(images, batch_size=batch_size).astype(np.float32)
-    atomic_save_npz(path, features=features, **identity)
+    features = gather_rows(local, collective).numpy().astype(np.float32)
+    if not collective or distributed.rank() == 0:
+        atomic_save_npz(path, features=features, **identity)
+    if collective:
+        distributed.barrier()
     return features.astype(np.float64)

@@ -24,6 +24,8 @@ import scipy.linalg
 import torch
 from torch import Tensor
 
+from ldm import distributed
+from ldm.errors import ConfigError
 from ldm.metrics.features import (
     FeatureExtractor,
     atomic_save_npz,
@@ -71,14 +73,20 @@ class FeatureStats:
         )
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> FeatureStats:
+    def load(cls, path: str | os.PathLike, feature_name: str | None = None) -> FeatureStats:
+        """Stats we saved, or any ``.npz`` with ``mu`` (D,) and ``sigma`` (D, D), as ADM's reference batches ship
+        them (no count, no extractor name: ``feature_name`` is then taken as theirs, count 0 = unknown)."""
         with np.load(path, allow_pickle=False) as stored:
-            return cls(
-                stored["mu"].astype(np.float64),
-                stored["sigma"].astype(np.float64),
-                int(stored["count"]),
-                str(stored["stats_feature_name"]),
-            )
+            missing = [k for k in ("mu", "sigma") if k not in stored.files]
+            if missing:
+                raise ConfigError(f"{path} has no {' or '.join(missing)} (keys: {stored.files}): reference statistics "
+                                  "are an .npz with mu (D,) and sigma (D, D), e.g. from ldm-evaluate write_reference_stats=")
+            mu, sigma = stored["mu"].astype(np.float64), stored["sigma"].astype(np.float64)
+            count = int(stored["count"]) if "count" in stored.files else 0
+            name = str(stored["stats_feature_name"]) if "stats_feature_name" in stored.files else feature_name
+        if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
+            raise ConfigError(f"{path}: mu {mu.shape} and sigma {sigma.shape} are not a (D,) mean and its (D, D) covariance")
+        return cls(mu, sigma, count, str(name))
 
 
 def frechet_distance(
@@ -147,22 +155,31 @@ def reference_stats(
     images_fn: Callable[[], np.ndarray | Tensor],
     cache_dir: str | os.PathLike,
     batch_size: int = 256,
+    collective: bool = True,
 ) -> FeatureStats:
     """Reference Gaussian of a real dataset, cached per (dataset, resolution, extractor name).
 
     The features themselves are cached too (:func:`~ldm.metrics.features.reference_features`), since KID
-    and precision/recall need them; ``images_fn`` runs only when neither cache holds this identity.
+    and precision/recall need them; ``images_fn`` runs only when neither cache holds this identity. In a
+    distributed run (``collective``) every rank calls it and a miss is extracted in shares across the ranks.
     """
     path = reference_cache_path(cache_dir, dataset_key, resolution, extractor.name, "stats")
     identity = cache_identity(dataset_key, resolution, extractor.name)
-    if path.is_file():
+
+    def cached() -> bool:
+        if not path.is_file():
+            return False
         with np.load(path, allow_pickle=False) as stored:
-            hit = identity_matches(stored, identity)
-        if hit:
-            return FeatureStats.load(path)
-    features = reference_features(dataset_key, resolution, extractor, images_fn, cache_dir, batch_size)
+            return identity_matches(stored, identity)
+
+    if distributed.broadcast_object(cached()) if collective else cached():
+        return FeatureStats.load(path)
+    features = reference_features(dataset_key, resolution, extractor, images_fn, cache_dir, batch_size, collective)
     stats = FeatureStats.from_features(features, extractor.name)
-    stats.save(path, **identity)
+    if not collective or distributed.rank() == 0:
+        stats.save(path, **identity)
+    if collective:
+        distributed.barrier()
     return stats
 
 

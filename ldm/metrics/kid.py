@@ -104,7 +104,22 @@ def kid_torchmetrics(
     seed: int = 0,
     batch_size: int = 256,
 ) -> dict[str, float | int | str]:
-    """KID via torchmetrics' KernelInceptionDistance, with cached reference features as its real state.
+    """KID via torchmetrics' KernelInceptionDistance, with cached reference features as its real state."""
+    images = to_uint8_nhwc(fake_images)
+    fake = extractor.extract(images, batch_size=batch_size)
+    return kid_torchmetrics_features(extractor, fake, reference_features, subsets, subset_size, seed)
+
+
+def kid_torchmetrics_features(
+    extractor: FeatureExtractor,
+    fake_features: np.ndarray | Tensor,
+    reference_features: np.ndarray,
+    subsets: int = 100,
+    subset_size: int = 1000,
+    seed: int = 0,
+) -> dict[str, float | int | str]:
+    """KID of features already taken with ``extractor`` (its name goes in the report), on torchmetrics'
+    KernelInceptionDistance with both sides as its state.
 
     torchmetrics draws subsets from the global torch RNG; it is forked and seeded so the call is
     reproducible without disturbing the caller's random stream.
@@ -113,28 +128,25 @@ def kid_torchmetrics(
 
     from torchmetrics.image.kid import KernelInceptionDistance
 
-    images = to_uint8_nhwc(fake_images)
-    size = _validate_kid_args(subsets, subset_size, len(reference_features), len(images))
-    device = next(extractor.parameters()).device
+    fake = torch.as_tensor(np.asarray(fake_features), dtype=torch.float64)
+    size = _validate_kid_args(subsets, subset_size, len(reference_features), len(fake))
     with warnings.catch_warnings():
         # It warns that it buffers all features; that is the point here and the sets are small.
         warnings.simplefilter("ignore", UserWarning)
         metric = KernelInceptionDistance(
             feature=extractor, subsets=subsets, subset_size=size, reset_real_features=False,
             sync_on_compute=False,  # the set is whole here: never all-gather (see fid_torchmetrics)
-        ).to(device)
-    metric.real_features.append(torch.as_tensor(reference_features, dtype=torch.float64, device=device))
-    with torch.no_grad(), torch.random.fork_rng(devices=[]):
-        for start in range(0, len(images), batch_size):
-            batch = torch.from_numpy(images[start : start + batch_size]).permute(0, 3, 1, 2).to(device)
-            metric.update(batch, real=False)
-        metric.fake_features[:] = [f.double() for f in metric.fake_features]
+        )
+    metric.real_features.append(torch.as_tensor(reference_features, dtype=torch.float64))
+    metric.fake_features.append(fake)
+    with torch.no_grad(), torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "compute before update": the state was filled directly
         torch.manual_seed(seed)
         mean, std = metric.compute()
     return {
         "kid_mean": float(mean),
         "kid_std": float(std),
-        "kid_n": len(images),
+        "kid_n": len(fake),
         "kid_ref_n": len(reference_features),
         "kid_subsets": subsets,
         "kid_subset_size": size,

@@ -16,31 +16,30 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
+from ldm import distributed
 from ldm.errors import ConfigError
 from ldm.metrics import (
     FeatureExtractor,
+    FeatureStats,
     InceptionFeatures,
     JudgeFeatures,
-    conditional_accuracy_report,
-    fid_torchmetrics,
-    kid_torchmetrics,
+    fid_from_stats,
     load_or_train_judge,
     precision_recall,
     reference_features,
     reference_stats,
 )
+from ldm.metrics.features import module_fingerprint
+from ldm.metrics.kid import kid_torchmetrics_features
+from ldm.metrics.observe import MetricUnavailable, Observations
+from ldm.metrics.sample_images import IMAGE_SUFFIXES, ImageFiles, check_images, read_image_folder  # noqa: F401
 
 SAMPLE_METRICS = ("fid", "kid", "pr", "accuracy", "is", "clip_score")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-
-
-class MetricUnavailable(Exception):
-    """A metric that cannot run here (weights or inputs missing): reported under ``skipped``, not raised."""
 
 
 @dataclass
 class SampleSet:
-    images: np.ndarray  # (N, H, W, C) uint8
+    images: Any  # (N, H, W, C) uint8: an array, a memory-mapped npz member or lazily read files
     labels: np.ndarray | None = None  # (N,) int, the class each sample was generated for
     prompts: list[str] | None = None
     source: str = ""
@@ -51,46 +50,11 @@ def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def check_images(images: np.ndarray, what: str) -> np.ndarray:
-    if images.dtype != np.uint8:
-        raise ConfigError(
-            f"{what} has dtype {images.dtype}; samples must be uint8 (N, H, W, C) in [0, 255] (the ADM "
-            "evaluator format): convert float (N, C, H, W) images in [-1, 1] with ldm.metrics.to_uint8_nhwc"
-        )
-    images = images[..., None] if images.ndim == 3 else images
-    if images.ndim != 4 or images.shape[-1] not in (1, 3) or images.shape[1] != images.shape[2]:
-        raise ConfigError(f"{what} must be square (N, H, W, C) images with C in {{1, 3}}, got {images.shape}")
-    if len(images) < 2:
-        raise ConfigError(f"{what} holds {len(images)} image(s); the metrics need at least 2")
-    return np.ascontiguousarray(images)
-
-
-def read_image_folder(path: Path, size: int | None = None) -> np.ndarray:
-    """A folder of images (recursive) -> uint8 (N, H, W, C); grey only when every file is grey.
-    With ``size``: shorter side resized to it, then a centre crop (the data modules' geometry)."""
-    from PIL import Image, ImageOps
-
-    from ldm.data.folder import scan_image_files
-
-    files, _ = scan_image_files(path, IMAGE_SUFFIXES)
-    if not files:
-        raise ConfigError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {path}")
-    grey = True
-    for f in files:  # headers only: one file open at a time
-        with Image.open(f) as image:
-            grey &= len(image.getbands()) == 1 and image.mode != "P"
-    arrays = []
-    for f in files:
-        with Image.open(f) as image:
-            image = image.convert("L" if grey else "RGB")
-            arrays.append(np.asarray(image if size is None else ImageOps.fit(image, (size, size), Image.BICUBIC)))
-    if len({a.shape for a in arrays}) > 1:
-        raise ConfigError(f"images under {path} differ in size ({sorted({a.shape for a in arrays})[:4]}...)")
-    return check_images(np.stack(arrays), f"images under {path}")
-
-
 def load_samples(path: str | Path) -> SampleSet:
-    """A ``samples.npz`` (``arr_0`` uint8 NHWC, optional ``labels``/``prompts``) or a folder of images."""
+    """A ``samples.npz`` (``arr_0`` uint8 NHWC, optional ``labels``/``prompts``) or a folder of images; the
+    images are mapped or read lazily, never loaded whole."""
+    from ldm.io.samples import open_images
+
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"samples={path} does not exist: give a samples.npz (ldm-sample writes one) or an image folder")
@@ -105,9 +69,9 @@ def load_samples(path: str | Path) -> SampleSet:
     with stored:
         if "arr_0" not in stored.files:
             raise ConfigError(f"{path} has no arr_0 (keys: {stored.files}); arr_0 must hold the uint8 (N, H, W, C) images")
-        images = check_images(stored["arr_0"], f"{path}: arr_0")
         labels = stored["labels"] if "labels" in stored.files else None
         prompts = [str(p) for p in stored["prompts"].tolist()] if "prompts" in stored.files else None
+    images = check_images(open_images(path), f"{path}: arr_0")
     if labels is not None and (not np.issubdtype(labels.dtype, np.integer) or labels.shape != (len(images),)):
         raise ConfigError(f"{path}: labels must be {len(images)} integers, got {labels.dtype} {labels.shape}")
     if prompts is not None and len(prompts) != len(images):
@@ -174,13 +138,20 @@ class _InceptionLogits(torch.nn.Module):
 
 
 class SampleMetrics:
-    """Measures sample sets against one reference (cached) under one feature extractor."""
+    """Measures sample sets against one reference (cached) under one feature extractor.
 
-    def __init__(self, cfg: DictConfig, resolution: int, channels: int, split: str | None = None) -> None:
-        self.cfg, self.resolution, self.channels = cfg, resolution, channels
+    ``collective``: every rank of a distributed run measures together (each observes its share of a set, the
+    observations are gathered, a reference is extracted in shares); False measures on this process alone.
+    """
+
+    def __init__(self, cfg: DictConfig, resolution: int, channels: int, split: str | None = None,
+                 collective: bool = True) -> None:
+        self.cfg, self.resolution, self.channels, self.collective = cfg, resolution, channels, collective
         self.key, self.images_fn = reference_source(cfg, resolution, split or str(cfg.reference_split))
         self.cache_dir = str(cfg.paths.cache_dir)
         self.batch_size = int(cfg.batch_size)
+        stats = cfg.get("reference_stats")
+        self.stats_file = None if stats is None else Path(str(stats))
 
     @functools.cached_property
     def judge(self) -> torch.nn.Module:
@@ -189,7 +160,13 @@ class SampleMetrics:
                 f"the digit judge takes 1-channel 28/32 px digits, these are {self.channels}-channel {self.resolution} px"
             )
         with torch.enable_grad():  # a cache miss trains the judge, possibly called from a no_grad context
-            return load_or_train_judge(self.cache_dir).to(device())
+            if self.collective and distributed.rank() != 0:
+                distributed.barrier()  # rank 0 trains or loads it first; the others then read its cache
+                return load_or_train_judge(self.cache_dir).to(device())
+            judge = load_or_train_judge(self.cache_dir).to(device())
+            if self.collective:
+                distributed.barrier()
+            return judge
 
     @functools.cached_property
     def extractor(self) -> FeatureExtractor:
@@ -206,75 +183,119 @@ class SampleMetrics:
                 raise ConfigError(f"features=inception (set inception_weights=<file>): {err}") from err
         raise ValueError(f"features must be 'judge' or 'inception', got {kind!r}")
 
-    def _reference(self, fn: Callable) -> Any:
-        return fn(self.key, self.resolution, self.extractor, self.images_fn, self.cache_dir, self.batch_size)
+    def observations(self, names: list[str], labels: bool = True, prompts: bool = True) -> Observations:
+        """An empty :class:`Observations` for ``names``; feed it batches, then :meth:`finish` it."""
+        observations = Observations(names, lambda: self.extractor, lambda: self.judge,
+                                    lambda: _InceptionLogits(self.cfg.inception_weights).to(device()),
+                                    self._clip, device())
+        if "accuracy" in names and not labels:
+            observations.skipped["accuracy"] = "the samples carry no labels (the class each one was generated for)"
+        if "clip_score" in names and not prompts:
+            observations.skipped["clip_score"] = "the samples carry no prompts"
+        return observations
 
-    def fid(self, s: SampleSet) -> dict[str, Any]:
-        r = fid_torchmetrics(self.extractor, s.images, self._reference(reference_stats), self.batch_size)
-        return {"value": r["fid"], "n": r["fid_n"], "ref_n": r["fid_ref_n"], "features": r["features"]}
-
-    def kid(self, s: SampleSet) -> dict[str, Any]:
-        kid = self.cfg.kid
-        r = kid_torchmetrics(self.extractor, s.images, self._reference(reference_features), int(kid.subsets),
-                             int(kid.subset_size), batch_size=self.batch_size)
-        return {"value": r["kid_mean"], "std": r["kid_std"], "n": r["kid_n"], "ref_n": r["kid_ref_n"],
-                "subsets": r["kid_subsets"], "subset_size": r["kid_subset_size"], "features": r["features"]}
-
-    def pr(self, s: SampleSet) -> dict[str, Any]:
-        fake = self.extractor.extract(s.images, self.batch_size)
-        r = precision_recall(self._reference(reference_features), fake, self.extractor.name, k=int(self.cfg.pr_k))
-        return {"precision": r["precision"], "recall": r["recall"], "n": r["pr_n"], "ref_n": r["pr_ref_n"],
-                "k": r["pr_k"], "features": r["features"]}
-
-    def accuracy(self, s: SampleSet) -> dict[str, Any]:
-        if s.labels is None:
-            raise MetricUnavailable("the samples carry no labels (the class each one was generated for)")
-        r = conditional_accuracy_report(self.judge, s.images, s.labels)
-        return {"value": r["cond_acc"], "n": r["cond_acc_n"], "features": r["judge"],
-                "judge_val_acc": r.get("judge_val_acc")}
-
-    def inception_score(self, s: SampleSet, splits: int = 10) -> dict[str, Any]:
-        from torchmetrics.image.inception import InceptionScore
-
-        metric = InceptionScore(feature=_InceptionLogits(self.cfg.inception_weights), splits=splits,
-                                sync_on_compute=False).to(device())
-        with torch.no_grad(), torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)  # compute() shuffles before splitting
-            for batch in np.array_split(s.images, max(1, len(s.images) // self.batch_size)):
-                metric.update(torch.from_numpy(batch).permute(0, 3, 1, 2).to(device()))
-            mean, std = metric.compute()
-        return {"value": float(mean), "std": float(std), "n": len(s.images), "splits": splits,
-                "features": "inception-v3-logits"}
-
-    def clip_score(self, s: SampleSet) -> dict[str, Any]:
-        if not s.prompts:
-            raise MetricUnavailable("the samples carry no prompts")
+    def _clip(self) -> Any:
         if self.cfg.clip_model is None:
             raise MetricUnavailable("no CLIP model: set clip_model=<local Hugging Face CLIP folder>")
         from torchmetrics.multimodal.clip_score import CLIPScore
 
         try:
-            metric = CLIPScore(model_name_or_path=str(self.cfg.clip_model), sync_on_compute=False).to(device())
+            return CLIPScore(model_name_or_path=str(self.cfg.clip_model), sync_on_compute=False).to(device())
         except Exception as err:  # missing files, no network: the metric is unavailable, the rest still runs
             raise MetricUnavailable(f"could not load CLIP model {self.cfg.clip_model}: {err}") from err
-        with torch.no_grad():
-            for start in range(0, len(s.images), self.batch_size):
-                batch = torch.from_numpy(s.images[start : start + self.batch_size]).permute(0, 3, 1, 2)
-                batch = batch.expand(-1, 3, -1, -1) if batch.shape[1] == 1 else batch
-                metric.update(batch.to(device()), s.prompts[start : start + self.batch_size])
-            value = metric.compute()
-        return {"value": float(value), "n": len(s.images), "features": str(self.cfg.clip_model)}
 
     def run(self, s: SampleSet, names: list[str]) -> tuple[dict[str, Any], dict[str, str]]:
-        """``({name: result}, {name: why it was skipped})`` for the metrics in ``names`` (SAMPLE_METRICS)."""
-        results, skipped = {}, {}
-        for name in names:
-            method = self.inception_score if name == "is" else getattr(self, name)
-            try:
-                results[name] = method(s)
-            except MetricUnavailable as err:
-                skipped[name] = str(err)
+        """``({name: result}, {name: why it was skipped})`` for the metrics in ``names`` (SAMPLE_METRICS); the
+        set is read a batch at a time, each rank reading its share when ``collective``."""
+        observations = self.observations(names, s.labels is not None, bool(s.prompts))
+        share = distributed.shard(len(s.images)) if self.collective else slice(0, len(s.images))
+        for start in range(share.start, share.stop, self.batch_size):
+            stop = min(share.stop, start + self.batch_size)
+            observations.update(s.images[start:stop], None if s.labels is None else s.labels[start:stop],
+                                None if s.prompts is None else s.prompts[start:stop])
+        return self.finish(observations)
+
+    def finish(self, observations: Observations) -> tuple[dict[str, Any], dict[str, str]]:
+        """The metrics of everything observed on every rank (a collective when ``collective``); every rank
+        returns rank 0's numbers."""
+        seen = observations.gather(self.collective)
+        skipped = dict(observations.skipped)
+        wants = [n for n in observations.names if n not in skipped]
+        if self.stats_file is not None:
+            for name in ("kid", "pr"):
+                if name in wants:
+                    wants.remove(name)
+                    skipped[name] = "reference_stats holds only mu/sigma; kid and pr need the reference images"
+        stats = reference = None
+        if "fid" in wants:
+            stats = self.reference_stats()
+        if "kid" in wants or "pr" in wants:
+            reference = reference_features(self.key, self.resolution, self.extractor, self.images_fn,
+                                           self.cache_dir, self.batch_size, self.collective)
+
+        def compute() -> dict[str, Any]:
+            return {name: self._compute(name, seen, stats, reference) for name in wants}
+
+        results = distributed.on_rank_zero(compute, "measuring the samples") if self.collective else compute()
         return results, skipped
+
+    def reference_stats(self) -> FeatureStats:
+        """The reference's Gaussian: from ``reference_stats=<npz>`` when given, else computed (and cached)."""
+        if self.stats_file is None:
+            return reference_stats(self.key, self.resolution, self.extractor, self.images_fn, self.cache_dir,
+                                   self.batch_size, self.collective)
+        if not self.stats_file.is_file():
+            raise ConfigError(f"reference_stats={self.stats_file} does not exist")
+        stats = FeatureStats.load(self.stats_file, feature_name=self.extractor.name)
+        dim = self.extractor.num_features
+        if len(stats.mu) != dim:
+            raise ConfigError(f"reference_stats={self.stats_file} holds {len(stats.mu)}-d statistics but "
+                              f"features={self.cfg.features} gives {dim}-d features ({self.extractor.name}): use stats "
+                              "written with the same features (ldm-evaluate write_reference_stats=...)")
+        if stats.feature_name != self.extractor.name:
+            raise ConfigError(f"reference_stats={self.stats_file} was written with {stats.feature_name}, these "
+                              f"features are {self.extractor.name}: write them again with the same features")
+        return stats
+
+    def _compute(self, name: str, seen: dict[str, torch.Tensor], stats: FeatureStats | None,
+                 reference: np.ndarray | None) -> dict[str, Any]:
+        count = int(seen["count"])
+        if name in ("fid", "kid", "pr"):
+            fake, feature_name = seen["features"].double().numpy(), self.extractor.name
+        if name == "fid":
+            r = fid_from_stats(stats, FeatureStats.from_features(fake, feature_name))
+            return {"value": r["fid"], "n": r["fid_n"], "ref_n": r["fid_ref_n"], "features": r["features"]}
+        if name == "kid":
+            kid = self.cfg.kid
+            r = kid_torchmetrics_features(self.extractor, fake, reference, int(kid.subsets), int(kid.subset_size))
+            return {"value": r["kid_mean"], "std": r["kid_std"], "n": r["kid_n"], "ref_n": r["kid_ref_n"],
+                    "subsets": r["kid_subsets"], "subset_size": r["kid_subset_size"], "features": r["features"]}
+        if name == "pr":
+            r = precision_recall(reference, fake, feature_name, k=int(self.cfg.pr_k))
+            return {"precision": r["precision"], "recall": r["recall"], "n": r["pr_n"], "ref_n": r["pr_ref_n"],
+                    "k": r["pr_k"], "features": r["features"]}
+        if name == "accuracy":
+            predictions, labels = seen["predictions"], seen["labels"]
+            result = {"value": float((predictions == labels).double().mean()), "n": len(labels),
+                      "features": f"digit-judge-{module_fingerprint(self.judge)}"}
+            return {**result, "judge_val_acc": getattr(self.judge, "val_accuracy", None)}
+        if name == "is":
+            return self._inception_score(seen["logits"])
+        if name == "clip_score":
+            total, n = seen["clip"].tolist()
+            return {"value": total / max(n, 1.0), "n": int(n), "features": str(self.cfg.clip_model)}
+        raise ValueError(f"unknown metric {name!r}; choose from {list(SAMPLE_METRICS)} ({count} samples)")
+
+    def _inception_score(self, logits: torch.Tensor, splits: int = 10) -> dict[str, Any]:
+        from torchmetrics.image.inception import InceptionScore
+
+        metric = InceptionScore(feature=torch.nn.Identity(), splits=splits, sync_on_compute=False)
+        metric.features.append(logits)
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)  # compute() shuffles before splitting
+            mean, std = metric.compute()
+        return {"value": float(mean), "std": float(std), "n": len(logits), "splits": splits,
+                "features": "inception-v3-logits"}
 
 
 def evaluation_config(cache_dir: str, reference: str = "mnist5k", features: str = "judge", batch_size: int = 256) -> DictConfig:

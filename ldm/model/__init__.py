@@ -7,6 +7,6 @@ same way from a LightningModule, a plain loop or a notebook.
 from ldm.model.edit import LatentEdit
 from ldm.model.first_stage import FirstStage
 from ldm.model.latent_diffusion import LatentDiffusion
-from ldm.model.sharded import sample_sharded
+from ldm.model.sharded import sample_stream
 
-__all__ = ["FirstStage", "LatentDiffusion", "LatentEdit", "sample_sharded"]
+__all__ = ["FirstStage", "LatentDiffusion", "LatentEdit", "sample_stream"]

@@ -7,6 +7,10 @@ from torch import nn
 
 from ldm.diffusion.schedules import gaussian_noise
 
+# Pixels a first-stage chunk may hold when no chunk size is set: at 512 px 16 images, whose full-resolution
+# 128-channel fp32 activations take about 2 GB each (SD's VAE), at 256 px 64, at 32 px 4,096.
+AUTO_CHUNK_PIXELS = 1 << 22
+
 
 class FirstStage(nn.Module):
     """Encodes images to scaled latents ``z = scale_factor * posterior sample`` and decodes them back.
@@ -19,13 +23,22 @@ class FirstStage(nn.Module):
         self, autoencoder: nn.Module, scale_factor: float, sample_posterior: bool = True, chunk_size: int | None = None
     ) -> None:
         super().__init__()
-        if chunk_size is not None and chunk_size < 1:
-            raise ValueError(f"chunk_size must be a positive number of images or None, got {chunk_size}")
         self.autoencoder = autoencoder.eval().requires_grad_(False)
         self.sample_posterior = sample_posterior
-        # Encode/decode at most this many images at once: bounds activation memory for large batches.
+        # Encode/decode at most this many images at once (None: as many as AUTO_CHUNK_PIXELS allow): bounds
+        # activation memory for large batches.
         self.chunk_size = chunk_size
         self.register_buffer("scale_factor", torch.tensor(float(scale_factor)))
+
+    @property
+    def chunk_size(self) -> int | None:
+        return self._chunk_size
+
+    @chunk_size.setter
+    def chunk_size(self, value: int | None) -> None:
+        if value is not None and int(value) < 1:
+            raise ValueError(f"chunk_size must be a positive number of images or None (automatic), got {value}")
+        self._chunk_size = None if value is None else int(value)
 
     @property
     def latent_channels(self) -> int:
@@ -38,7 +51,7 @@ class FirstStage(nn.Module):
     @torch.no_grad()
     def encode_moments(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Posterior mean and std, unscaled: (B, C, h, w) each. What the latent cache stores."""
-        moments = [self.autoencoder.encode(chunk) for chunk in self._chunks(images)]
+        moments = [self.autoencoder.encode(chunk) for chunk in self._chunks(images, images.shape[-2] * images.shape[-1])]
         if len(moments) == 1:
             return moments[0].mean, moments[0].std
         return torch.cat([m.mean for m in moments]), torch.cat([m.std for m in moments])
@@ -56,10 +69,14 @@ class FirstStage(nn.Module):
     @torch.no_grad()
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         z = z / self.scale_factor
-        return torch.cat([self.autoencoder.decode(chunk) for chunk in self._chunks(z)])
+        pixels = z.shape[-2] * z.shape[-1] * self.downsample_factor**2
+        return torch.cat([self.autoencoder.decode(chunk) for chunk in self._chunks(z, pixels)])
 
-    def _chunks(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return x.split(self.chunk_size) if self.chunk_size else (x,)
+    def _chunks(self, x: torch.Tensor, pixels: int) -> tuple[torch.Tensor, ...]:
+        """``x`` in chunks of ``chunk_size`` images, or automatically of as many images of ``pixels`` pixels as
+        AUTO_CHUNK_PIXELS allow (the whole batch at 32 px, 16 images at 512 px)."""
+        size = self.chunk_size or max(1, AUTO_CHUNK_PIXELS // max(1, pixels))
+        return x.split(size) if size < len(x) else (x,)
 
     def train(self, mode: bool = True) -> FirstStage:
         # Frozen: always in eval mode (no dropout, fixed norms), whatever Lightning asks.

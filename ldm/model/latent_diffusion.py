@@ -24,12 +24,35 @@ from ldm.errors import ConfigError
 from ldm.model.edit import LatentEdit
 from ldm.model.first_stage import FirstStage
 from ldm.model.guidance import Guidance
-from ldm.model.sharded import batch_size_of, slice_conditions
+from ldm.model.sharded import batch_size_of, slice_conditions, uint8_nhwc
 from ldm.nets.backbone import check_backbone, run_backbone
 
 log = logging.getLogger(__name__)
 
 BackboneFactory = Callable[..., nn.Module]
+
+
+def sampling_autocast(device: torch.device | str, precision: str | int | None) -> torch.dtype | None:
+    """The backbone's autocast dtype while sampling on ``device`` for a trainer ``precision`` ("bf16-mixed",
+    "16-mixed", ...): the training one on a GPU; None (fp32) on the CPU, where bf16 autocast was not faster
+    at our sizes, and for full-precision runs."""
+    if torch.device(device).type != "cuda" or precision is None:
+        return None
+    precision = str(precision)
+    return torch.bfloat16 if precision.startswith("bf16") else torch.float16 if precision.startswith("16") else None
+
+
+def autocast_backbone(backbone: nn.Module, dtype: torch.dtype | None) -> Callable:
+    """``run_backbone`` under autocast to ``dtype`` (None: as is), its output back in fp32."""
+    if dtype is None:
+        return lambda x, t, c: run_backbone(backbone, x, t, c)
+
+    def run(x: torch.Tensor, t: torch.Tensor, c: Any) -> torch.Tensor:
+        with torch.autocast(x.device.type, dtype=dtype):
+            out = run_backbone(backbone, x, t, c)
+        return out.float()
+
+    return run
 
 
 class LatentDiffusion(nn.Module):
@@ -114,12 +137,15 @@ class LatentDiffusion(nn.Module):
 
     # --- sampling --------------------------------------------------------------------------------
     def denoiser(self, cond: Any = None, guidance_scale: float = 1.0, guidance_rescale: float = 0.0,
-                 uncond: Any = None, guidance: Guidance | None = None, guide_cond: Any = None) -> Denoiser:
+                 uncond: Any = None, guidance: Guidance | None = None, guide_cond: Any = None,
+                 autocast_dtype: torch.dtype | None = None) -> Denoiser:
         """The sampler contract denoise(x_t, t, cond) -> x0_hat, guided when ``guidance_scale != 1``: by the
         unconditional branch (classifier-free guidance; ``uncond``: the unconditional condition dict), or by
         ``guidance.guide`` (autoguidance; ``guide_cond``: the guide's own embedding of the conditions), within
-        ``guidance.interval`` if one is set. Every sampler sees the same contract, whatever the method."""
-        denoise = self.objective.denoiser(lambda x, t, c: run_backbone(self.backbone, x, t, c))
+        ``guidance.interval`` if one is set. Every sampler sees the same contract, whatever the method.
+        ``autocast_dtype``: the backbones run under autocast to it; their output, and so the sampler's state,
+        stays fp32."""
+        denoise = self.objective.denoiser(autocast_backbone(self.backbone, autocast_dtype))
         if guidance_scale == 1.0:
             return denoise
         guidance = guidance or Guidance()
@@ -173,8 +199,11 @@ class LatentDiffusion(nn.Module):
         edit: LatentEdit | None = None,
         guidance_rescale: float = 0.0,
         guidance: Guidance | None = None,
+        uint8: bool = False,
+        autocast_dtype: torch.dtype | None = None,
     ) -> torch.Tensor:
-        """Images (N, C, H, W) in [-1, 1]; same generator seed -> same images.
+        """Images (N, C, H, W) in [-1, 1] on the CPU, or with ``uint8`` (N, H, W, C) uint8 (converted on the
+        device, batch by batch); same generator seed -> same images.
 
         ``conditions`` maps batch keys to inputs (``example_conditions`` makes them); an embedder whose key is
         absent runs unconditionally, and ``{"n": [None] * N}`` alone samples N unconditional images.
@@ -184,6 +213,8 @@ class LatentDiffusion(nn.Module):
         by a guide model (which then embeds the same conditions with its own conditioner).
         Classifier-free guidance is skipped when the model has no guided condition (unconditional, or concat
         only): both branches would be the same network call. Autoguidance needs none.
+        ``autocast_dtype`` (``sampling_autocast``): the backbone's precision; the VAE decode and the sampler's
+        state stay fp32.
         """
         sampler = dict(sampler or {"name": "ddim", "steps": 50})
         name = sampler.pop("name")
@@ -210,7 +241,7 @@ class LatentDiffusion(nn.Module):
                                               spatial_size=shape[1:])
                 denoise = self.denoiser(guidance_scale=guidance_scale if guide else 1.0,
                                         guidance_rescale=guidance_rescale, uncond=uncond, guidance=guidance,
-                                        guide_cond=guide_cond)
+                                        guide_cond=guide_cond, autocast_dtype=autocast_dtype)
                 noise = torch.randn((m, *shape), generator=generator, device=device)
                 kwargs = dict(sampler)
                 if edit is not None:
@@ -219,7 +250,8 @@ class LatentDiffusion(nn.Module):
                     noise, kwargs = part.start(noise, self.objective.schedule, kwargs)
                 z0 = sampler_lib.sample(name, denoise, noise, self.objective.schedule, cond=cond, generator=generator,
                                         **kwargs)
-                out.append(self.first_stage.decode(z0).clamp(-1, 1).float().cpu())
+                images = self.first_stage.decode(z0.float()).clamp(-1, 1).float()
+                out.append(uint8_nhwc(images).cpu() if uint8 else images.cpu())
                 if progress is not None:
                     progress(min(n, start + batch_size), n)
         return torch.cat(out)

@@ -64,6 +64,10 @@ def test_a_16_bit_cast_keeps_the_ema_in_fp32_so_it_still_moves():
     assert {p.dtype for p in module.live.parameters()} == {torch.bfloat16}
     assert module.ema.model[1].weight.dtype == torch.float32
     assert module.ema.model[0].weight is module.live[0].weight  # the shared frozen part follows the live model
+    with torch.no_grad():
+        # |w| in [0.5, 1), where bf16's spacing is 2^-8: a step of 1e-4 of a gap of 1 is below its half
+        module.live[1].weight.copy_(torch.linspace(0.5, 0.9, 16).reshape(4, 4))
+        module.ema.model[1].weight.copy_(module.live[1].weight.float())
     start = module.ema.model[1].weight.clone()
     with torch.no_grad():
         module.live[1].weight.add_(1.0)

@@ -4,6 +4,7 @@ SDEdit under a Karras sampler."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from pathlib import Path
@@ -156,10 +157,12 @@ class RecordingSampler:
         self.guidances: list = []  # the resolved ldm.model.guidance.Guidance of each call
 
     def sample(self, conditions, image_size, sampler=None, guidance_scale=1.0, generator=None, batch_size=256,
-               progress=None, edit=None, guidance_rescale=0.0, guidance=None):
+               progress=None, edit=None, guidance_rescale=0.0, guidance=None, uint8=False, autocast_dtype=None):
         n = len(next(iter(conditions.values())))
         self.calls.append({"guidance_scale": guidance_scale, "guidance_rescale": guidance_rescale})
         self.guidances.append(guidance)
+        if uint8:
+            return torch.zeros(n, image_size, image_size, 1, dtype=torch.uint8)
         return torch.zeros(n, 1, image_size, image_size)
 
     def example_conditions(self, per_group, **kwargs):
@@ -223,11 +226,14 @@ def test_previews_and_final_samples_pass_guidance_rescale(monkeypatch, tmp_path,
     preview = instantiate(cfg.stage.module.preview)
     assert preview.guidance_rescale == 0.6
     recorder = RecordingSampler()
-    monkeypatch.setattr(latent_diffusion, "log_image_grid", lambda *a, **k: None)
-    module = SimpleNamespace(image_size=8, trainer=SimpleNamespace(is_global_zero=True), preview=preview,
-                             device=torch.device("cpu"), sampler=lambda: recorder, _guidance=None)
+    trainer = SimpleNamespace(is_global_zero=True, precision="32-true", default_root_dir=str(tmp_path), global_step=1,
+                              loggers=[])
+    module = SimpleNamespace(image_size=8, trainer=trainer, preview=preview, device=torch.device("cpu"),
+                             sampler=lambda: recorder, _guidance=None, preview_prompts=lambda: [],
+                             ema_precision=contextlib.nullcontext)
     latent_diffusion.LatentDiffusionModule.log_previews(module)
-    assert [c["guidance_rescale"] for c in recorder.calls] == [0.6] * len(preview.guidance_scales)
+    # 3 classes x 8 in batches of 16: two batches per guidance scale
+    assert [c["guidance_rescale"] for c in recorder.calls] == [0.6] * 2 * len(preview.guidance_scales)
 
     recorder.calls = []
     module = SimpleNamespace(sampler=lambda: recorder, ema=None)
@@ -238,11 +244,10 @@ def test_previews_and_final_samples_pass_guidance_rescale(monkeypatch, tmp_path,
     from ldm.lit.sample_metrics import SampleMetricsCallback
 
     recorder.calls = []
-    callback = SampleMetricsCallback(guidance_scale=2.0, guidance_rescale=0.7, per_class=1, metrics=["accuracy"],
+    callback = SampleMetricsCallback(guidance_scale=2.0, guidance_rescale=0.7, per_class=1, metrics=[],
                                      cache_dir=str(tmp_path))
-    monkeypatch.setattr(callback, "_measure_set", lambda *a: {"val/accuracy": 1.0})
     module = SimpleNamespace(image_size=8, sampler=lambda: recorder, model=recorder)
-    callback.compute(SimpleNamespace(global_step=1, datamodule=None), module)
+    callback.compute(SimpleNamespace(global_step=1, datamodule=None, precision="32-true"), module)
     assert recorder.calls == [{"guidance_scale": 2.0, "guidance_rescale": 0.7}]
 
 
