@@ -37,6 +37,7 @@ from ldm.io.export import write_text_atomic
 from ldm.lit.export import AutoencoderExport, LatentDiffusionExport
 from ldm.lit.finetune import BaseReference
 from ldm.lit.reliability import NonFiniteLossError, keep_csv_history
+from ldm.lit.sharding import check_trainer
 
 log = logging.getLogger("ldm.train")
 register_resolvers()
@@ -197,6 +198,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     configure_backends(cfg)
     out.mkdir(parents=True, exist_ok=True)
     ckpt_path = resolve_ckpt_path(cfg, out)
+    check_trainer(cfg.trainer, ckpt_path)
     write_text_atomic(out / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     pl.seed_everything(int(cfg.seed), workers=True)
 
