@@ -52,15 +52,29 @@ def replace_with(partial: Path, path: Path) -> None:
         old.unlink(missing_ok=True)
 
 
-def stored_shapes(path: str | os.PathLike) -> dict[str, torch.Size]:
-    """Every tensor of the checkpoint's ``state_dict`` (weights, EMA, buffers) with its global shape, read from
-    DCP's metadata only (no tensor data)."""
+def _stored_tensors(path: str | os.PathLike) -> dict[str, Any]:
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     metadata = FileSystemReader(str(path)).read_metadata()
-    return {key[len(STATE_PREFIX):]: item.size for key, item in metadata.state_dict_metadata.items()
+    return {key[len(STATE_PREFIX):]: item for key, item in metadata.state_dict_metadata.items()
             if key.startswith(STATE_PREFIX) and isinstance(item, TensorStorageMetadata)}
+
+
+def stored_shapes(path: str | os.PathLike) -> dict[str, torch.Size]:
+    """Every tensor of the checkpoint's ``state_dict`` (weights, EMA, buffers) with its global shape, read from
+    DCP's metadata only (no tensor data)."""
+    return {key: item.size for key, item in _stored_tensors(path).items()}
+
+
+def load_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The checkpoint's whole ``state_dict`` (not the optimizer state) as plain CPU tensors, read in this one
+    process without torch.distributed: what sampling from a checkpoint needs."""
+    import torch.distributed.checkpoint as dcp
+
+    state = {key: torch.empty(item.size, dtype=item.properties.dtype) for key, item in _stored_tensors(path).items()}
+    dcp.load({"state_dict": state}, checkpoint_id=str(path), no_dist=True)
+    return state
 
 
 def read_meta(path: str | os.PathLike) -> dict[str, Any]:
