@@ -22,10 +22,13 @@ def group_norm(channels: int, eps: float = 1e-5) -> nn.GroupNorm:
 
 
 class GroupNorm32(nn.GroupNorm):
-    """Normalises in float32: group statistics in fp16/bf16 are too coarse (CompVis does the same)."""
+    """Normalises in float32: group statistics in fp16/bf16 are too coarse (CompVis does the same). The affine
+    parameters too: under FSDP's bf16 policy they arrive in bf16, which the CPU kernel refuses beside fp32 input."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.float()).type(x.dtype)
+        weight = self.weight.float() if self.weight is not None else None
+        bias = self.bias.float() if self.bias is not None else None
+        return F.group_norm(x.float(), self.num_groups, weight, bias, self.eps).type(x.dtype)
 
 
 class CrossAttention(nn.Module):
