@@ -37,23 +37,31 @@ def shard_files(folder: Path) -> dict[str, bytes]:
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_two_torchrun_ranks_encode_each_slice_once_into_the_shards_of_one_process(images, export, tmp_path):
-    one, two = tmp_path / "one", tmp_path / "two"
-    result = prepare_shards(images, one, *COMMON, f"first_stage.path={export}")
-    assert result["num_shards"] == 2 and result["encode"]["text_encoder"]["embedding_dtype"] == "float16"
-
-    args = [f"source.root={images}", f"output={two}", "source.labels_from_subfolders=true", "source.samples_per_shard=6",
-            "chunk_bytes=6000", *COMMON, f"first_stage.path={export}", "num_workers=1", f"hydra.run.dir={tmp_path / 'log'}"]
+def prepare_cli(images: Path, out: Path, export: Path, processes: int) -> str:
+    """``ldm-prepare`` in 1 plain process or under torchrun, one thread each (the same numerics either way)."""
+    args = [f"source.root={images}", f"output={out}", "source.labels_from_subfolders=true", "source.samples_per_shard=6",
+            "chunk_bytes=6000", *COMMON, f"first_stage.path={export}", "num_workers=1", f"hydra.run.dir={out}-log"]
+    launch = ["-m", "torch.distributed.run", f"--nproc-per-node={processes}", f"--master-port={free_port()}"]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
-                           f"--master-port={free_port()}", "-m", "ldm.prepare", *args],
+    proc = subprocess.run([sys.executable, *(launch if processes > 1 else []), "-m", "ldm.prepare", *args],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-6000:]
+    return output
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_two_torchrun_ranks_encode_each_slice_once_into_the_shards_of_one_process(images, export, tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    prepare_cli(images, one, export, 1)
+    output = prepare_cli(images, two, export, 2)
     # Each slice was encoded once, by the rank it belongs to (every WORLD_SIZE-th slice), on that rank's device.
     written = re.findall(r"shard (\d+): 6 samples encoded on cpu by rank (\d) of 2", output)
     assert sorted(written) == [("0", "0"), ("1", "1")]
     assert output.count("ldm-prepare: 12 samples in 2 shards") == 2  # both ranks report the whole folder
+    index = json.loads((two / "index.json").read_text())
+    assert index["ldm"]["encode"]["text_encoder"]["embedding_dtype"] == "float16"
 
     assert shard_files(two) == shard_files(one) and len(shard_files(one)) >= 2
     index_one, index_two = (json.loads((f / "index.json").read_text()) for f in (one, two))
