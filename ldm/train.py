@@ -72,7 +72,7 @@ def resolve_ckpt_path(cfg: DictConfig, out: Path) -> str | None:
         path = last
     else:
         path = Path(str(cfg.ckpt_path))
-        if not path.is_file():
+        if not path.exists():  # a file, or trainer=fsdp's distributed checkpoint folder
             raise ConfigError(f"ckpt_path={path} does not exist (use ckpt_path=last to resume this run folder)")
     read_checkpoint(path)
     log.info("resuming from %s", path)
