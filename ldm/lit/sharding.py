@@ -77,8 +77,8 @@ def shard_module(module: nn.Module, mesh, unit_names: Iterable[str], mp_policy=N
 
     ``compile_mode``: ``torch.compile`` each unit first, in place (``nn.Module.compile``: state-dict keys are
     unchanged). Per block, not the whole module: the blocks repeat, so one compiled graph serves them all, and
-    FSDP's all-gather/reduce-scatter hooks stay outside the compiled region (dynamo skips FSDP hooks), where
-    they overlap with the neighbouring blocks' compute. The order matters: compiled before sharding."""
+    FSDP's all-gather/reduce-scatter hooks stay outside the compiled region (dynamo skips FSDP hooks), where FSDP
+    prefetches the next unit's weights. The order matters: compiled before sharding (torchtitan's order)."""
     from torch.distributed.fsdp import fully_shard
 
     names = set(unit_names)
@@ -131,10 +131,11 @@ def local(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def full_state_dict(module: nn.Module, only_rank0: bool = False) -> dict[str, torch.Tensor]:
-    """The whole state dict of a module, sharded or not, on the CPU. Collective under FSDP: every rank must
-    call it. One tensor is gathered at a time and moved to the CPU at once, so the accelerator holds at most
-    one full tensor; ``only_rank0``: the other ranks drop each gathered tensor (they return only the
-    unsharded ones), so only rank 0 holds the whole state, in CPU memory."""
+    """The whole state dict of a module, sharded or not. Collective under FSDP: every rank must call it.
+
+    The sharded tensors are gathered one at a time and moved to the CPU at once, so an accelerator holds at most
+    one full tensor beyond its shards. ``only_rank0``: the other ranks drop each gathered tensor (they return
+    only the unsharded ones), so only rank 0 holds the whole state, in CPU memory."""
     import torch.distributed as dist
     from torch.distributed.tensor import DTensor
 
