@@ -15,7 +15,6 @@ depend on the number of ranks.
 
 from __future__ import annotations
 
-import io
 import logging
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
@@ -51,7 +50,8 @@ _FIRST_FEW = 5
 
 
 class SliceWriter:
-    """Turns one source slice into one shard: checks and measures every image, encodes (encode=true), writes."""
+    """Turns one source slice into one shard: checks and measures every image, writes. With encode=true it holds
+    the networks (this process's one copy) and the settings the shards record; :func:`encode_slices` writes."""
 
     def __init__(self, cfg: DictConfig) -> None:
         self.cfg = cfg
@@ -75,27 +75,13 @@ class SliceWriter:
                                   extra=lambda: {"num_skipped": len(skipped), "skipped": skipped[:_FIRST_FEW]})
 
     def _samples(self, piece, skipped: list[str]):
-        batch: list[tuple[dict[str, Any], Any]] = []
+        """The slice's readable samples, in order (encode=true runs through :func:`encode_slices` instead)."""
         position = 0
         for raw in self.source.read(piece):
             sample = check_sample(raw, piece.index, position, skipped)
-            if sample is None:
-                continue
-            position += 1
-            if self.encoder is None:
+            if sample is not None:
+                position += 1
                 yield sample
-                continue
-            batch.append((sample, self.encoder.pixels(self.encoder.transform.decode(io.BytesIO(sample["image"])))))
-            if len(batch) == int(self.cfg.encode_batch_size):
-                yield from self._encoded(batch)
-                batch = []
-        if batch:
-            yield from self._encoded(batch)
-
-    def _encoded(self, batch):
-        samples = [s for s, _ in batch]
-        self.encoder.encode(samples, [pixels for _, pixels in batch])
-        return samples
 
 
 def build_encoder(cfg: DictConfig):

@@ -100,14 +100,10 @@ class ShardEncoder:
                 "latent_dtype": self.dtype.name, "latent_channels": int(self.first_stage.latent_channels),
                 "first_stage": first_stage_fingerprint(self.first_stage), "text_encoder": text}
 
-    def pixels(self, image) -> torch.Tensor:
-        """A decoded PIL image as training sees it without random crop or flip: (C, S, S) in [-1, 1]."""
-        return encoding_pixels(self.transform, image)
-
     @torch.no_grad()
     def encode(self, samples: list[dict[str, Any]], images: list[torch.Tensor] | torch.Tensor) -> None:
         """Adds the latent fields (and ``caption_embedding``) to ``samples`` in place; ``images``: their
-        :meth:`pixels`, a list or one (B, C, S, S) batch."""
+        :func:`encoding_pixels`, a list or one (B, C, S, S) batch."""
         batch = images if isinstance(images, torch.Tensor) else torch.stack(images)
         batch = batch.to(self.device, non_blocking=True)  # (B, C, S, S)
         variants = {"": batch, "_flip": batch.flip(-1)} if self.flips else {"": batch}
