@@ -187,12 +187,12 @@ class FullyShardedStrategy(ModelParallelStrategy):
             replace_with(partial, path)
         self.barrier()
 
-    def load_checkpoint(self, checkpoint_path) -> dict[str, Any]:
+    def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict[str, Any]:
         from ldm.io.sharded_checkpoint import is_sharded_checkpoint, load_sharded
 
         path = Path(self.broadcast(str(checkpoint_path)))
         if not is_sharded_checkpoint(path):
-            return super().load_checkpoint(path)
+            return super().load_checkpoint(path, weights_only=weights_only)
         # Lightning's own loader asks DCP for every key of the module, frozen ones included, which our
         # checkpoints omit (LatentDiffusionModule.on_save_checkpoint): load what the checkpoint holds.
         optimizers = [getattr(o, "_optimizer", o) for o in self.optimizers]
