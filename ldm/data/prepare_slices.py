@@ -131,15 +131,16 @@ class DecodedSlices(IterableDataset):
         self.pieces = pieces
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        from ldm.config import instantiate_checked, register_resolvers
+        from hydra.utils import instantiate
+
         from ldm.data.image_files import ImageTransform
         from ldm.data.shard_encoding import encoding_pixels
 
-        register_resolvers()
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        # resolved and checked by ldm-prepare already (resolved_yaml, SliceWriter)
         cfg = OmegaConf.create(self.cfg_yaml)
-        source = instantiate_checked(cfg.source, "source")
+        source = instantiate(cfg.source)
         slices = source.slices()
         transform = ImageTransform(int(cfg.encode_settings.image_size), str(cfg.encode_settings.mode))
         size = int(cfg.encode_batch_size)
