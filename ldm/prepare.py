@@ -4,17 +4,18 @@
     ldm-prepare source=webdataset "source.urls='laion/{00000..00099}.tar'" output=shards/laion num_workers=8
     ldm-prepare source=torchvision source.name=cifar10 source.root=data output=shards/cifar
     ldm-prepare source=webdataset ... encode=true first_stage.path=<stage-1 export> cond=text   # + latents
+    torchrun --nproc-per-node 8 -m ldm.prepare source=webdataset ... encode=true ...             # 8 GPUs
 
 The sample fields and the folder layout are documented in :mod:`ldm.data.shards`. Each source slice becomes one
 shard, written atomically; running the same command again skips finished shards, so an interrupted run is
 finished by re-running it. Unreadable images are skipped and counted (``max_corrupt_fraction`` as in data=folder).
+Under torchrun each rank writes every WORLD_SIZE-th slice (:mod:`ldm.data.prepare_slices`); the shards do not
+depend on the number of ranks.
 """
 
 from __future__ import annotations
 
-import io
 import logging
-import warnings
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
@@ -22,7 +23,6 @@ from typing import Any
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
-from PIL import Image, ImageOps
 
 from ldm.backends import set_tf32
 from ldm.config import (
@@ -33,7 +33,16 @@ from ldm.config import (
     user_errors_as_messages,
 )
 from ldm.data import shards
-from ldm.data.image_files import UnreadableImageWarning, check_corrupt_fraction
+from ldm.data.image_files import check_corrupt_fraction
+from ldm.data.prepare_slices import (
+    barrier,
+    check_sample,
+    encode_device,
+    encode_slices,
+    process_group,
+    resolved_yaml,
+    sum_over_ranks,
+)
 
 log = logging.getLogger("ldm.prepare")
 register_resolvers()
@@ -41,16 +50,9 @@ CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 _FIRST_FEW = 5
 
 
-def original_size(data: bytes) -> tuple[int, int]:
-    """(width, height) as displayed (EXIF orientation applied), after a full decode: a truncated or corrupt
-    file fails here, at preparation, rather than in a training step."""
-    with Image.open(io.BytesIO(data)) as handle:
-        handle.load()
-        return ImageOps.exif_transpose(handle).size
-
-
 class SliceWriter:
-    """Turns one source slice into one shard: checks and measures every image, encodes (encode=true), writes."""
+    """Turns one source slice into one shard: checks and measures every image, writes. With encode=true it holds
+    the networks (this process's one copy) and the settings the shards record; :func:`encode_slices` writes."""
 
     def __init__(self, cfg: DictConfig) -> None:
         self.cfg = cfg
@@ -74,51 +76,18 @@ class SliceWriter:
                                   extra=lambda: {"num_skipped": len(skipped), "skipped": skipped[:_FIRST_FEW]})
 
     def _samples(self, piece, skipped: list[str]):
-        batch: list[tuple[dict[str, Any], Any]] = []
+        """The slice's readable samples, in order (encode=true runs through :func:`encode_slices` instead)."""
         position = 0
         for raw in self.source.read(piece):
-            sample = self._checked(raw, piece.index, position, skipped)
-            if sample is None:
-                continue
-            position += 1
-            if self.encoder is None:
+            sample = check_sample(raw, piece.index, position, skipped)
+            if sample is not None:
+                position += 1
                 yield sample
-                continue
-            batch.append((sample, self.encoder.pixels(self.encoder.transform.decode(io.BytesIO(sample["image"])))))
-            if len(batch) == int(self.cfg.encode_batch_size):
-                yield from self._encoded(batch)
-                batch = []
-        if batch:
-            yield from self._encoded(batch)
-
-    def _encoded(self, batch):
-        samples = [s for s, _ in batch]
-        self.encoder.encode(samples, [pixels for _, pixels in batch])
-        return samples
-
-    def _checked(self, raw: dict[str, Any], shard: int, position: int, skipped: list[str]) -> dict[str, Any] | None:
-        data = raw.get("image")
-        try:
-            if not data:
-                raise ValueError("no image member")
-            width, height = original_size(data)
-        except Exception as error:  # noqa: BLE001 - PIL raises many types (OSError, SyntaxError, struct.error...)
-            skipped.append(raw["key"])
-            if len(skipped) & (len(skipped) - 1) == 0:  # 1, 2, 4, ...: informative without flooding
-                warnings.warn(f"skipped unreadable image {raw['key']} ({type(error).__name__}: {error}); "
-                              f"{len(skipped)} in this shard so far", UnreadableImageWarning, stacklevel=2)
-            return None
-        width, height = int(raw.get("width") or width), int(raw.get("height") or height)
-        label = raw.get("label")
-        return {"id": shards.sample_id(shard, position), "key": str(raw["key"]), "image": bytes(data),
-                "caption": raw.get("caption") or "", "label": -1 if label is None else int(label),
-                "width": width, "height": height, "aspect": width / height}
 
 
 def build_encoder(cfg: DictConfig):
-    """The frozen first stage and, when the conditioner has one, the frozen text encoder."""
-    import torch
-
+    """The frozen first stage and, when the conditioner has one, the frozen text encoder: one copy per process,
+    on this rank's GPU under torchrun."""
     from ldm.data.shard_encoding import ShardEncoder, frozen_text_encoder
 
     if OmegaConf.select(cfg, "first_stage.path") is None:
@@ -126,11 +95,10 @@ def build_encoder(cfg: DictConfig):
     first_stage = instantiate_checked(cfg.first_stage, "first_stage")
     conditioner = instantiate_checked(cfg.cond.conditioner, "cond.conditioner") if cfg.get("cond") else None
     settings = cfg.encode_settings
-    device = str(settings.device)
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    embedding_dtype = settings.get("embedding_dtype")
     return ShardEncoder(first_stage, frozen_text_encoder(conditioner), int(settings.image_size), str(settings.mode),
-                        bool(settings.flips), str(settings.latent_dtype), device)
+                        bool(settings.flips), str(settings.latent_dtype), encode_device(str(settings.device)),
+                        None if embedding_dtype is None else str(embedding_dtype))
 
 
 _WORKER: SliceWriter | None = None
@@ -148,44 +116,57 @@ def _run_in_worker(piece_index: int) -> dict[str, Any]:
 
 
 def prepare(cfg: DictConfig) -> dict[str, Any]:
-    """Write every unfinished shard, then the index; returns the index's metadata plus run counts."""
+    """Write every unfinished shard, then the index; returns the index's metadata plus run counts. Under
+    torchrun, this rank's share of the slices, then (rank 0) the index of all of them."""
     check_constructor_keys(cfg.source, "source")
     if cfg.output in (None, "???"):
         raise ConfigError("set output=<folder> for the shards")
     if int(cfg.num_workers) < 0:
         raise ConfigError(f"num_workers must be >= 0, got {cfg.num_workers}")
+    with process_group() as (rank, world):
+        return _prepare(cfg, rank, world)
+
+
+def _prepare(cfg: DictConfig, rank: int, world: int) -> dict[str, Any]:
     writer = SliceWriter(cfg)
     pieces = writer.pieces
     writer.out.mkdir(parents=True, exist_ok=True)
-    if int(cfg.num_workers) > 0 and len(pieces) > 1:
+    mine = list(range(rank, len(pieces), world))
+    if writer.encoder is not None:
+        manifests = encode_slices(writer, mine, cfg, rank, world)
+    elif int(cfg.num_workers) > 0 and len(mine) > 1:
         # Spawned (not forked) workers: a forked process inheriting torch's thread pools can deadlock.
-        # What a SliceWriter reads, resolved here (the run folder's interpolations only resolve in this process).
-        keys = ("source", "output", "chunk_bytes", "encode", "encode_batch_size", "encode_settings", "first_stage", "cond")
-        resolved = OmegaConf.to_yaml({k: OmegaConf.to_container(cfg[k], resolve=True)
-                                      if OmegaConf.is_config(cfg[k]) else cfg[k] for k in keys if k in cfg})
         with ProcessPoolExecutor(int(cfg.num_workers), mp_context=get_context("spawn"), initializer=_init_worker,
-                                 initargs=(resolved,)) as pool:
-            manifests = list(pool.map(_run_in_worker, range(len(pieces))))
+                                 initargs=(resolved_yaml(cfg),)) as pool:
+            manifests = list(pool.map(_run_in_worker, mine))
     else:
-        manifests = [writer(i) for i in range(len(pieces))]
-    reused = sum(bool(m.get("skipped_existing")) for m in manifests)
+        manifests = [writer(i) for i in mine]
+    reused, written = sum_over_ranks([sum(bool(m.get("skipped_existing")) for m in manifests),
+                                      sum(not m.get("skipped_existing") for m in manifests)])
+    barrier()  # every rank's shards are committed: their manifests are on disk
+    if world > 1:
+        manifests = [shards.finished_manifest(writer.out, p.index, p.key, writer.settings) for p in pieces]
     total_skipped = sum(int(m.get("num_skipped", 0)) for m in manifests)
     total = total_skipped + sum(int(m["num_samples"]) for m in manifests)
     examples = [key for m in manifests for key in m.get("skipped", [])]
     check_corrupt_fraction(total_skipped, total, float(cfg.max_corrupt_fraction), str(cfg.source.get("root") or
                            cfg.source.get("urls")), examples)
     class_names = list(getattr(writer.source, "class_names", []) or [])
-    meta = shards.write_index(writer.out, [{k: v for k, v in m.items() if k != "skipped_existing"} for m in manifests], {
-        "has_captions": bool(writer.source.has_captions),
-        "num_classes": len(class_names) or None,
-        "class_names": class_names,
-        "skipped_unreadable": total_skipped,
-        "source": OmegaConf.to_container(cfg.source, resolve=True),
-        "encode": writer.encoder.settings() if writer.encoder is not None else None,
-    })
-    log.info("%d samples in %d shards under %s (%d shards reused, %d unreadable images skipped)",
-             meta["num_samples"], meta["num_shards"], writer.out, reused, total_skipped)
-    return {**meta, "shards_written": len(manifests) - reused, "shards_reused": reused}
+    if rank == 0:
+        meta = shards.write_index(writer.out, [{k: v for k, v in m.items() if k != "skipped_existing"} for m in manifests], {
+            "has_captions": bool(writer.source.has_captions),
+            "num_classes": len(class_names) or None,
+            "class_names": class_names,
+            "skipped_unreadable": total_skipped,
+            "source": OmegaConf.to_container(cfg.source, resolve=True),
+            "encode": writer.encoder.settings() if writer.encoder is not None else None,
+        })
+        log.info("%d samples in %d shards under %s (%d shards reused, %d unreadable images skipped)",
+                 meta["num_samples"], meta["num_shards"], writer.out, reused, total_skipped)
+    barrier()  # the index is written
+    if rank != 0:
+        meta = shards.read_index(writer.out)
+    return {**meta, "shards_written": written, "shards_reused": reused}
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="prepare")

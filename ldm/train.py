@@ -40,6 +40,7 @@ from ldm.io.export import write_text_atomic
 from ldm.lit.export import AutoencoderExport, LatentDiffusionExport
 from ldm.lit.finetune import BaseReference
 from ldm.lit.reliability import NonFiniteLossError, keep_csv_history
+from ldm.lit.sharding import check_trainer
 from ldm.lit.startup import check_precision, check_run_name
 from ldm.run_notes import (
     clear_failed,
@@ -91,7 +92,7 @@ def resolve_ckpt_path(cfg: DictConfig, out: Path) -> str | None:
         path = last
     else:
         path = Path(str(cfg.ckpt_path))
-        if not path.is_file():
+        if not path.exists():  # a file, or trainer=fsdp's distributed checkpoint folder
             raise ConfigError(f"ckpt_path={path} does not exist (use ckpt_path=last to resume this run folder)")
     read_checkpoint(path)
     log.info("resuming from %s", path)
@@ -227,6 +228,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     configure_backends(cfg)
     out.mkdir(parents=True, exist_ok=True)
     ckpt_path = resolve_ckpt_path(cfg, out)
+    check_trainer(cfg.trainer, ckpt_path)
     write_text_atomic(out / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     if rank_zero():
         log.info(config_summary(cfg, out))

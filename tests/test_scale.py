@@ -209,6 +209,9 @@ def test_speed_options_compile_only_the_training_unet_and_keep_the_key_layout():
     plain = tiny_module(functools.partial(torch.optim.SGD), ema=EMAConfig())
     fast = tiny_module(functools.partial(torch.optim.SGD), ema=EMAConfig(),
                        speed=SpeedConfig(compile_unet=True, channels_last=True, vae_chunk_size=4))
+    # Compiled when Lightning configures the model (per FSDP unit under FSDP, before sharding; whole otherwise).
+    assert fast.model.backbone._compiled_call_impl is None
+    fast.configure_model()
     # nn.Module.compile is lazy and in place: nothing compiles here, and no `_orig_mod.` key prefix appears.
     assert fast.model.backbone._compiled_call_impl is not None and fast.ema.model._compiled_call_impl is None
     assert list(fast.state_dict()) == list(plain.state_dict())

@@ -92,33 +92,50 @@ def finished_manifest(out: Path, shard: int, source_key: str, settings: str) -> 
     return manifest
 
 
+class ShardWriter:
+    """One shard being written: :meth:`add` its samples (dicts with the fields above) in order, then
+    :meth:`finish` commits it with its manifest. Several may be open at once (one per source slice in flight)."""
+
+    def __init__(self, out: Path, shard: int, source_key: str, settings: str, chunk_bytes: int | str) -> None:
+        from litdata.streaming.writer import BinaryWriter
+
+        self.out, self.shard, self.source_key, self.settings = out, shard, source_key, settings
+        self.tmp = out / f".tmp-shard-{shard:06d}-{os.getpid()}"
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        self.writer = BinaryWriter(str(self.tmp), chunk_bytes=chunk_bytes)
+        self.count = 0
+
+    def add(self, sample: dict[str, Any]) -> None:
+        self.writer[self.count] = sample
+        self.count += 1
+
+    def finish(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Move the chunks into place and write the manifest (last: it marks the shard complete)."""
+        self.writer.done()
+        chunks, config = [], None
+        for index_file in sorted(self.tmp.glob("*.index.json")):
+            written = json.loads(index_file.read_text())
+            config = written["config"]
+            for i, chunk in enumerate(written["chunks"]):
+                # litdata names chunks after the writing process; shard-<n>-<i> keeps every slice's own names.
+                name = f"shard-{self.shard:06d}-{i:05d}.bin"
+                os.replace(self.tmp / chunk["filename"], self.out / name)
+                chunks.append({**chunk, "filename": name})
+        manifest = {"shard": self.shard, "source_key": self.source_key, "settings": self.settings,
+                    "num_samples": self.count, "chunks": chunks, "config": config, **(extra or {})}
+        write_text_atomic(manifest_path(self.out, self.shard), json.dumps(manifest, sort_keys=True))
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        return manifest
+
+
 def write_shard(out: Path, shard: int, samples: Iterable[dict[str, Any]], source_key: str, settings: str,
                 chunk_bytes: int | str, extra: Callable[[], dict[str, Any]] | None = None) -> dict[str, Any]:
-    """Write one shard's ``samples`` (dicts with the fields above) and commit it with its manifest; ``extra()``
-    (called once ``samples`` is exhausted, e.g. to count what it skipped) adds entries to the manifest."""
-    from litdata.streaming.writer import BinaryWriter
-
-    tmp = out / f".tmp-shard-{shard:06d}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    writer = BinaryWriter(str(tmp), chunk_bytes=chunk_bytes)
-    count = 0
-    for count, sample in enumerate(samples, start=1):
-        writer[count - 1] = sample
-    writer.done()
-    chunks, config = [], None
-    for index_file in sorted(tmp.glob("*.index.json")):
-        written = json.loads(index_file.read_text())
-        config = written["config"]
-        for i, chunk in enumerate(written["chunks"]):
-            # litdata names chunks after the writing process; shard-<n>-<i> keeps every slice's own names.
-            name = f"shard-{shard:06d}-{i:05d}.bin"
-            os.replace(tmp / chunk["filename"], out / name)
-            chunks.append({**chunk, "filename": name})
-    manifest = {"shard": shard, "source_key": source_key, "settings": settings, "num_samples": count,
-                "chunks": chunks, "config": config, **(extra() if extra else {})}
-    write_text_atomic(manifest_path(out, shard), json.dumps(manifest, sort_keys=True))
-    shutil.rmtree(tmp, ignore_errors=True)
-    return manifest
+    """Write one shard's ``samples`` and commit it with its manifest; ``extra()`` (called once ``samples`` is
+    exhausted, e.g. to count what it skipped) adds entries to the manifest."""
+    writer = ShardWriter(out, shard, source_key, settings, chunk_bytes)
+    for sample in samples:
+        writer.add(sample)
+    return writer.finish(extra() if extra else None)
 
 
 def write_index(out: Path, manifests: list[dict[str, Any]], meta: dict[str, Any]) -> dict[str, Any]:

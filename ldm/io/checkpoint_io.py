@@ -93,6 +93,8 @@ def _first_line(err: BaseException) -> str:
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """A Lightning checkpoint, memory-mapped (cheap even for large files) and never unpickling code."""
     path = Path(path)
+    if path.is_dir():
+        return _read_sharded(path)
     if not path.is_file():
         raise CheckpointError(f"ckpt_path={path} does not exist (use ckpt_path=last to resume this run folder)")
     try:
@@ -108,6 +110,21 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
             "from <run>/checkpoints/*.ckpt; an export folder is loaded with first_stage.path= (stage 2) instead"
         )
     return checkpoint
+
+
+def _read_sharded(path: Path) -> dict[str, Any]:
+    """A distributed (DCP) checkpoint folder, as shapes only (:func:`ldm.io.sharded_checkpoint.describe`)."""
+    from ldm.io.sharded_checkpoint import describe, is_sharded_checkpoint
+
+    if not is_sharded_checkpoint(path):
+        raise CheckpointError(
+            f"ckpt_path={path} is a folder but not a finished distributed checkpoint (no .metadata/meta.pt: the run "
+            "stopped while writing it): resume from another one, e.g. an earlier step*.ckpt in the same folder")
+    try:
+        return describe(path)
+    except _READ_ERRORS as err:
+        raise CheckpointError(f"ckpt_path={path} is not a readable distributed checkpoint ({_first_line(err)}): "
+                              "resume from another one") from err
 
 
 def checkpoint_stage(state_dict: dict[str, Any]) -> str | None:
@@ -189,9 +206,13 @@ def check_resume_checkpoint(path: str | os.PathLike, module: nn.Module, stage: s
 
 def newest_resume_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     """The most recent of ``<run>/checkpoints/last.ckpt`` and the ``hpc_ckpt_*.ckpt`` that Lightning's SLURM
-    requeue handler writes into the run folder; None when there is neither."""
+    requeue handler writes into the run folder (files, or distributed-checkpoint folders under FSDP); None when
+    there is neither."""
     run_dir = Path(run_dir)
-    candidates = [p for p in [run_dir / "checkpoints" / "last.ckpt", *run_dir.glob("hpc_ckpt_*.ckpt")] if p.is_file()]
+    from ldm.io.sharded_checkpoint import is_sharded_checkpoint
+
+    candidates = [p for p in [run_dir / "checkpoints" / "last.ckpt", *run_dir.glob("hpc_ckpt_*.ckpt")]
+                  if p.is_file() or is_sharded_checkpoint(p)]
     return max(candidates, key=lambda p: p.stat().st_mtime_ns) if candidates else None
 
 

@@ -14,6 +14,7 @@ from omegaconf import OmegaConf, open_dict
 from ldm.config import register_resolvers
 from ldm.io.checkpoint_io import restore_frozen_state, tensors_hash, upgrade_checkpoint_keys
 from ldm.io.export import ExportError, frozen, load_state_strict, read_export
+from ldm.io.sharded_checkpoint import is_sharded_checkpoint, load_weights, read_meta
 from ldm.model import FirstStage, LatentDiffusion
 
 # What torch.load raises for a file that is not a weights-only torch checkpoint.
@@ -64,12 +65,15 @@ def load_ldm_export(folder: str | Path, device: str | torch.device = "cpu") -> t
 
 
 def load_ldm_checkpoint(path: str | Path, device: str | torch.device = "cpu", use_ema: bool = True):
-    """(model, info) from a Lightning ``.ckpt`` of a stage-2 run, rebuilt from the run's config.yaml.
+    """(model, info) from a Lightning ``.ckpt`` of a stage-2 run (a file, or trainer=fsdp's distributed checkpoint
+    folder), rebuilt from the run's config.yaml.
 
     Loaded with ``weights_only=True``: a checkpoint is never unpickled.
     """
     register_resolvers()
     path = Path(path)
+    if is_sharded_checkpoint(path):  # trainer=fsdp's distributed checkpoint folder: its weights, gathered here
+        return _load_ldm_checkpoint(path, {**read_meta(path), "state_dict": load_weights(path)}, device, use_ema)
     if not path.is_file():
         raise ExportError(f"checkpoint {path} does not exist")
     # Read first: a pickled, truncated or foreign file is the likelier mistake than a missing config.yaml,
@@ -83,6 +87,10 @@ def load_ldm_checkpoint(path: str | Path, device: str | torch.device = "cpu", us
                           "<run>/checkpoints/*.ckpt written by ldm-train") from err
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
         raise ExportError(f"{path} holds no Lightning state_dict: give an export folder or a checkpoint of ldm-train")
+    return _load_ldm_checkpoint(path, checkpoint, device, use_ema)
+
+
+def _load_ldm_checkpoint(path: Path, checkpoint: dict[str, Any], device: str | torch.device, use_ema: bool):
     run_config = path.parent.parent / "config.yaml"
     if not run_config.is_file():
         raise ExportError(f"{run_config} is missing: a checkpoint is loaded with the config of the run that wrote it")

@@ -108,8 +108,7 @@ class LatentDiffusionModule(pl.LightningModule):
         self._preview_prompts: list[str] | None = None
         self._frozen_hash: str | None = None
         self._bucket_stats: torch.Tensor | None = None  # (2, buckets): loss sums and counts since the last log
-        if self.speed.compile_unet:
-            self.model.backbone.compile(mode=self.speed.compile_mode)
+        self._configured = False
 
     # --- the model a sampler uses ---------------------------------------------------------------
     def sampling_backbone(self) -> nn.Module:
@@ -127,11 +126,19 @@ class LatentDiffusionModule(pl.LightningModule):
 
     # --- training ---------------------------------------------------------------------------------
     def configure_model(self) -> None:
-        """FSDP (trainer=fsdp / fsdp_sim, Lightning's ModelParallelStrategy): shard the backbone, its EMA copy
+        """``compile_unet``: compile the training backbone, whole, or per FSDP unit before sharding.
+
+        FSDP (trainer=fsdp / fsdp_sim, Lightning's ModelParallelStrategy): shard the backbone, its EMA copy
         (alike, so the average is taken shard by shard) and the conditioner's learned parts over the
-        data-parallel mesh. Nothing to do under other strategies."""
+        data-parallel mesh, with the mixed-precision policy of ``trainer.precision``."""
+        if self._configured:  # Lightning calls this at every fit/validate/test
+            return
+        self._configured = True
+        compile_mode = self.speed.compile_mode if self.speed.compile_unet else None
         mesh = self.device_mesh
-        if mesh is None or sharding.is_sharded(self.model.backbone):
+        if mesh is None:
+            if compile_mode is not None:
+                self.model.backbone.compile(mode=compile_mode)
             return
         if "tensor_parallel" in mesh.mesh_dim_names and mesh["tensor_parallel"].size() > 1:
             raise ConfigError("tensor parallelism is not implemented: set trainer.strategy.tensor_parallel_size=1")
@@ -139,17 +146,18 @@ class LatentDiffusionModule(pl.LightningModule):
         # This strategy loads a checkpoint into the sharded model before on_load_checkpoint can add the frozen
         # tensors checkpoints omit; ldm-train has checked the checkpoint's keys at start-up (check_resume_checkpoint).
         self.strict_loading = False
+        policy = sharding.mixed_precision_policy(self.trainer.precision)
         # null: the blocks the backbone declares as its sharding units (ldm.nets.backbone)
         units = self.speed.fsdp_units if self.speed.fsdp_units is not None else getattr(self.model.backbone, "fsdp_units", ())
-        sharding.shard_module(self.model.backbone, data_parallel, units)
+        sharding.shard_module(self.model.backbone, data_parallel, units, policy, compile_mode)
         if self.ema is not None:
-            sharding.shard_module(self.ema.model, data_parallel, units)
+            sharding.shard_module(self.ema.model, data_parallel, units, policy)
         # Learned conditioning (class embeddings) must be sharded too: FSDP reduces only its own gradients.
         copies = [self.ema_conditioner.model.embedders] if self.ema_conditioner is not None else []
         for i, embedder in enumerate(self.model.conditioner.embedders):
             if any(p.requires_grad for p in embedder.parameters()):
                 for owner in (embedder, *(c[i] for c in copies)):  # the EMA copy alike: averaged shard by shard
-                    sharding.shard_module(owner, data_parallel, ())
+                    sharding.shard_module(owner, data_parallel, (), policy)
 
     def setup(self, stage: str) -> None:
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
@@ -317,14 +325,16 @@ class LatentDiffusionModule(pl.LightningModule):
     # --- export -------------------------------------------------------------------------------------
     def export_tensors(self) -> dict[str, torch.Tensor]:
         """CompVis single-file layout: the EMA backbone is the model (as SD checkpoints ship it). Collective
-        under FSDP (the shards are gathered): every rank must call it."""
+        under FSDP (the shards are gathered one tensor at a time): every rank must call it; only rank 0's
+        result is complete."""
         model = self.model
-        tensors = {f"model.diffusion_model.{k}": v for k, v in sharding.full_state_dict(self.sampling_backbone()).items()}
+        backbone = sharding.full_state_dict(self.sampling_backbone(), only_rank0=True)
+        tensors = {f"model.diffusion_model.{k}": v for k, v in backbone.items()}
         # Frozen pretrained encoders are referenced by their config, not copied: only embedders that train ship,
         # whole (a LoRA'd text encoder with its base, merged by the LoRA export), averaged where the EMA has them.
         trained = tuple(f"embedders.{i}." for i, e in enumerate(model.conditioner.embedders)
                         if any(p.requires_grad for p in e.parameters()))
-        conditioner = sharding.full_state_dict(self.sampling_conditioner())
+        conditioner = sharding.full_state_dict(self.sampling_conditioner(), only_rank0=True)
         tensors.update({f"cond_stage_model.{k}": v for k, v in conditioner.items() if trained and k.startswith(trained)})
         tensors.update({f"first_stage_model.{k}": v for k, v in model.first_stage.autoencoder.state_dict().items()})
         tensors["scale_factor"] = model.first_stage.scale_factor.detach().clone()
