@@ -142,7 +142,17 @@ def _no_option(group: str, value: str, options: Sequence[str]) -> str:
 def check_overrides(conf_dir: str, config_name: str, argv: Sequence[str]) -> None:
     """Compose ``argv`` as the entry point would (a sweep: its first job), raising OverrideError with a
     one-line message for a key or option that does not exist. Nothing else is checked here: values are the
-    job's to check, with the constructors' signatures in hand."""
+    job's to check, with the constructors' signatures in hand. Hydra's global state is cleared afterwards, so
+    a caller (hydra.main, a test composing its own config) starts from none."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    try:
+        _check_overrides(conf_dir, config_name, argv)
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def _check_overrides(conf_dir: str, config_name: str, argv: Sequence[str]) -> None:
     from hydra._internal.utils import get_args_parser
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException

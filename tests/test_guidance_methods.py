@@ -3,6 +3,7 @@ LatentDiffusion.sample, ldm-sample, ldm-evaluate, previews, final samples and th
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -153,9 +154,12 @@ class RecordingSampler:
         self.device = torch.device("cpu")
         self.guidances: list[Guidance] = []
 
-    def sample(self, conditions, image_size, *args, guidance=None, **kwargs):
+    def sample(self, conditions, image_size, *args, guidance=None, uint8=False, **kwargs):
         self.guidances.append(guidance)
-        return torch.zeros(len(next(iter(conditions.values()))), 1, image_size, image_size)
+        n = len(next(iter(conditions.values())))
+        if uint8:  # the streaming paths ask for uint8 NHWC
+            return torch.zeros(n, image_size, image_size, 1, dtype=torch.uint8)
+        return torch.zeros(n, 1, image_size, image_size)
 
     def example_conditions(self, per_group, **kwargs):
         return self.conditioner.example_conditions(per_group, **kwargs)
@@ -216,11 +220,13 @@ def test_previews_final_samples_and_sample_metrics_pass_the_guidance_through(mon
     assert preview.guidance.interval.high == 450.0
     module = SimpleNamespace(preview=preview, _guidance=None, model=recorder, _trainer=None)
     latent_diffusion.LatentDiffusionModule.setup(module, "fit")
-    monkeypatch.setattr(latent_diffusion, "log_image_grid", lambda *a, **k: None)
-    vars(module).update(image_size=8, trainer=SimpleNamespace(is_global_zero=True), device=torch.device("cpu"),
-                        sampler=lambda: recorder)
+    trainer = SimpleNamespace(is_global_zero=True, precision="32-true", default_root_dir=str(tmp_path), global_step=1,
+                              loggers=[])
+    vars(module).update(image_size=8, trainer=trainer, device=torch.device("cpu"), sampler=lambda: recorder,
+                        preview_prompts=lambda: [], ema_precision=contextlib.nullcontext)
     latent_diffusion.LatentDiffusionModule.log_previews(module)
-    assert [g.interval.high for g in recorder.guidances] == [450.0] * len(preview.guidance_scales)
+    # 3 classes x 8 in preview batches of 16: two sampling calls per guidance scale
+    assert [g.interval.high for g in recorder.guidances] == [450.0] * 2 * len(preview.guidance_scales)
     # final samples
     recorder.guidances.clear()
     cfg.stage.final_samples.per_class = 1
@@ -232,8 +238,8 @@ def test_previews_final_samples_and_sample_metrics_pass_the_guidance_through(mon
     recorder.guidances.clear()
     callback = instantiate(cfg.callbacks.sample_metrics)
     assert isinstance(callback, SampleMetricsCallback) and callback.guidance_config.interval.high == 450.0
-    monkeypatch.setattr(callback, "_measure_set", lambda *a: {"val/accuracy": 1.0})
-    callback.compute(SimpleNamespace(global_step=1, datamodule=None),
+    callback.metrics = []  # only the guidance is followed here; metrics have their own tests
+    callback.compute(SimpleNamespace(global_step=1, datamodule=None, precision="32-true"),
                      SimpleNamespace(image_size=8, sampler=lambda: recorder, model=recorder))
     assert [g.interval.high for g in recorder.guidances] == [450.0]
 

@@ -93,10 +93,8 @@ class SampleMetricsCallback(pl.Callback):
     # --- hooks ----------------------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # At start-up, so an autoguidance guide that does not fit fails before any training.
-        if self._guidance is None:
-            from ldm.io.guide import resolve_guidance
-
-            self._guidance = resolve_guidance(self.guidance_config, pl_module.model, "of this run", device="cpu")
+        if pl_module is not None:
+            self.guidance(pl_module)
         if self.eval_cfg is not None:
             return
         from ldm.errors import ConfigError
@@ -167,6 +165,13 @@ class SampleMetricsCallback(pl.Callback):
         flat = flat_metrics(results, self.prefix)
         # Values with their counts; settings such as KID's subset count stay out of the curves.
         return {k: float(v) for k, v in flat.items() if k.endswith(_LOGGED_SUFFIXES) or k[len(self.prefix):] in results}
+
+    def guidance(self, pl_module: pl.LightningModule) -> Any:
+        if self._guidance is None:  # compute() called outside a Trainer's fit
+            from ldm.io.guide import resolve_guidance
+
+            self._guidance = resolve_guidance(self.guidance_config, pl_module.model, "of this run", device="cpu")
+        return self._guidance
 
     def measure_and_log(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
         self._last_step = trainer.global_step

@@ -195,7 +195,8 @@ def test_ldm_sample_passes_guidance_rescale(monkeypatch, tmp_path):
               "n=2", "save_pngs=false"]
     assert _compose("sample", common).guidance_rescale == 0.0
     run(_compose("sample", [*common, "guidance_rescale=0.7"]))
-    assert recorder.calls == [{"guidance_scale": 3.0, "guidance_rescale": 0.7}]
+    # guidance_scale: null = the export's; this stand-in records none, so the default recipe's 1.75
+    assert recorder.calls == [{"guidance_scale": 1.75, "guidance_rescale": 0.7}]
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["guidance_rescale"] == 0.7
     with pytest.raises(ConfigError, match="guidance_rescale"):
@@ -212,7 +213,8 @@ def test_ldm_evaluate_passes_guidance_rescale(monkeypatch, tmp_path):
     common = [f"model_path={model}", f"paths.output_dir={tmp_path}", "labels=[0]", "n=2"]
     assert _compose("evaluate", common).guidance_rescale == 0.0
     generate(_compose("evaluate", [*common, "guidance_rescale=0.5"]), tmp_path)
-    assert recorder.calls == [{"guidance_scale": 3.0, "guidance_rescale": 0.5}]
+    # guidance_scale: null = the export's; this stand-in records none, so the default recipe's 1.75
+    assert recorder.calls == [{"guidance_scale": 1.75, "guidance_rescale": 0.5}]
     assert json.loads((tmp_path / "manifest.json").read_text())["guidance_rescale"] == 0.5
 
 
