@@ -212,6 +212,7 @@ def test_previews_final_samples_and_sample_metrics_pass_the_guidance_through(mon
     from ldm.lit import latent_diffusion
     from ldm.lit.sample_metrics import SampleMetricsCallback
     from ldm.metrics.final_samples import write_final_samples
+    from ldm.metrics.suite import evaluation_config
 
     cfg = compose_cfg(["stage=ldm", "callbacks=sample_metrics", "stage.final_samples.judge=null", *BAND], tmp_path)
     recorder = _recorder()
@@ -239,6 +240,7 @@ def test_previews_final_samples_and_sample_metrics_pass_the_guidance_through(mon
     callback = instantiate(cfg.callbacks.sample_metrics)
     assert isinstance(callback, SampleMetricsCallback) and callback.guidance_config.interval.high == 450.0
     callback.metrics = []  # only the guidance is followed here; metrics have their own tests
+    callback.eval_cfg = evaluation_config(str(tmp_path), "mnist5k", "judge", 256)  # what setup takes from the data
     callback.compute(SimpleNamespace(global_step=1, datamodule=None, precision="32-true"),
                      SimpleNamespace(image_size=8, sampler=lambda: recorder, model=recorder))
     assert [g.interval.high for g in recorder.guidances] == [450.0]

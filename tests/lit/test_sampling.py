@@ -247,7 +247,7 @@ def test_previews_and_final_samples_pass_guidance_rescale(monkeypatch, tmp_path,
 
     recorder.calls = []
     callback = SampleMetricsCallback(guidance_scale=2.0, guidance_rescale=0.7, per_class=1, metrics=[],
-                                     cache_dir=str(tmp_path))
+                                     cache_dir=str(tmp_path), reference="mnist5k")
     module = SimpleNamespace(image_size=8, sampler=lambda: recorder, model=recorder)
     callback.compute(SimpleNamespace(global_step=1, datamodule=None, precision="32-true"), module)
     assert recorder.calls == [{"guidance_scale": 2.0, "guidance_rescale": 0.7}]
