@@ -162,9 +162,10 @@ class ResumeCheckpoint(pl.Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         if trainer.global_step == self._step_at_batch_start:
             return  # no optimizer step in this micro-batch: its accumulated gradients would be lost
-        # Every rank joins this all-reduce, so all stop at the same step boundary; every_n_steps optimizer steps
-        # only (the same steps on every rank), as each is a host-device sync.
-        if trainer.global_step % self.every_n_steps:
+        # Every rank joins this all-reduce, so all stop at the same step boundary; with several ranks every
+        # every_n_steps optimizer steps only (the same steps on every rank), as each is a host-device sync.
+        # One process needs no agreement: it stops at the first boundary.
+        if trainer.world_size > 1 and trainer.global_step % self.every_n_steps:
             return
         if not trainer.strategy.reduce_boolean_decision(self._requested is not None, all=False):
             return

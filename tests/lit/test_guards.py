@@ -85,7 +85,7 @@ class FakeStrategy:
 
 class FakeTrainer:
     def __init__(self) -> None:
-        self.strategy, self.global_step = FakeStrategy(), 0
+        self.strategy, self.global_step, self.world_size = FakeStrategy(), 0, 2
 
 
 def test_ranks_compare_requeue_flags_every_n_steps_only(tmp_path):
@@ -94,6 +94,11 @@ def test_ranks_compare_requeue_flags_every_n_steps_only(tmp_path):
         trainer.global_step = step
         callback.on_train_batch_end(trainer, None, None, None, step)
     assert trainer.strategy.calls == 3  # steps 10, 20, 30
+    trainer.world_size, trainer.strategy.calls = 1, 0  # one process agrees with nobody: every step boundary
+    for step in range(31, 34):
+        trainer.global_step = step
+        callback.on_train_batch_end(trainer, None, None, None, step)
+    assert trainer.strategy.calls == 3
     with pytest.raises(ValueError, match="every_n_steps must be >= 1"):
         ResumeCheckpoint(str(tmp_path), every_n_steps=0)
 
