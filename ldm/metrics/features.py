@@ -285,6 +285,19 @@ def identity_matches(stored: np.lib.npyio.NpzFile, identity: dict[str, np.ndarra
     return all(key in stored and stored[key].item() == value.item() for key, value in identity.items())
 
 
+def cache_hit(path: Path, identity: dict[str, Any], collective: bool) -> bool:
+    """Whether the reference cache at ``path`` holds ``identity``. With ``collective`` (every rank calls it)
+    rank 0 decides for all: ranks that disagreed about a hit would enter different collectives."""
+
+    def cached() -> bool:
+        if not path.is_file():
+            return False
+        with np.load(path, allow_pickle=False) as stored:
+            return identity_matches(stored, identity)
+
+    return distributed.broadcast_object(cached()) if collective else cached()
+
+
 def reference_features(
     dataset_key: str,
     resolution: int,
@@ -302,15 +315,7 @@ def reference_features(
     """
     path = reference_cache_path(cache_dir, dataset_key, resolution, extractor.name, "features")
     identity = cache_identity(dataset_key, resolution, extractor.name)
-
-    def cached() -> bool:
-        if not path.is_file():
-            return False
-        with np.load(path, allow_pickle=False) as stored:
-            return identity_matches(stored, identity)
-
-    # Rank 0 decides for all: ranks that disagreed about a hit would enter different collectives.
-    if distributed.broadcast_object(cached()) if collective else cached():
+    if cache_hit(path, identity, collective):
         with np.load(path, allow_pickle=False) as stored:
             return stored["features"].astype(np.float64)
     images = images_fn()

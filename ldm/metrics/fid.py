@@ -29,8 +29,8 @@ from ldm.errors import ConfigError
 from ldm.metrics.features import (
     FeatureExtractor,
     atomic_save_npz,
+    cache_hit,
     cache_identity,
-    identity_matches,
     reference_cache_path,
     reference_features,
     to_uint8_nhwc,
@@ -165,14 +165,7 @@ def reference_stats(
     """
     path = reference_cache_path(cache_dir, dataset_key, resolution, extractor.name, "stats")
     identity = cache_identity(dataset_key, resolution, extractor.name)
-
-    def cached() -> bool:
-        if not path.is_file():
-            return False
-        with np.load(path, allow_pickle=False) as stored:
-            return identity_matches(stored, identity)
-
-    if distributed.broadcast_object(cached()) if collective else cached():
+    if cache_hit(path, identity, collective):
         return FeatureStats.load(path)
     features = reference_features(dataset_key, resolution, extractor, images_fn, cache_dir, batch_size, collective)
     stats = FeatureStats.from_features(features, extractor.name)
