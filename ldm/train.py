@@ -123,6 +123,16 @@ def build_loggers(cfg: DictConfig) -> list:
     return loggers
 
 
+def run_dir_given() -> str | None:
+    """The run folder set on the command line (``hydra.run.dir=...``, as ``make train`` does): a name every
+    node agrees on, like run_name."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return None
+    return next((o.split("=", 1)[1] for o in HydraConfig.get().overrides.hydra if o.startswith("hydra.run.dir=")), None)
+
+
 def check_config(cfg: DictConfig) -> None:
     if cfg.stage.name not in STAGES:
         raise ConfigError(f"stage.name must be one of {STAGES}, got {cfg.stage.name!r}")
@@ -131,7 +141,7 @@ def check_config(cfg: DictConfig) -> None:
         if node is not None:
             check_constructor_keys(node, key)
     check_precision(cfg.trainer)
-    check_run_name(cfg, launcher_run_name())
+    check_run_name(cfg, launcher_run_name() or run_dir_given())
     if cfg.stage.name == "ldm":
         check_sampling(cfg)
         check_judge(cfg)

@@ -48,5 +48,5 @@ def check_run_name(cfg: DictConfig, stable_name: str | None, environ: Any = os.e
     if is_multi_node(cfg.trainer, environ):
         raise ConfigError(
             "a multi-node run needs a run folder name every node agrees on: set run_name=<name> (the same on every "
-            "node), or launch under SLURM or with torchrun --rdzv-id=<id>; without one, each node names its folder "
+            "node) or hydra.run.dir=<folder>, or launch under SLURM or with torchrun --rdzv-id=<id>; without one, each node names its folder "
             "by its own start time and ckpt_path=last resumes different checkpoints")
