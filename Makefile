@@ -10,7 +10,7 @@ RUN ?= outputs/default
 TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
 
-.PHONY: help install train train-vae train-ldm experiment test test-fast lint clean
+.PHONY: help install train train-vae train-ldm experiment test test-slow test-all lint clean
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-12s %s\n", $$1, $$2}'
@@ -38,11 +38,14 @@ experiment: install  ## one study of experiments/ and its results table (NAME=gu
 	@test -n "$(NAME)" || { echo "usage: make experiment NAME=<$$(ls -d experiments/*/ | xargs -n1 basename | tr '\n' ' ')> [SMOKE=1] [ARGS=...]"; exit 2; }
 	$(BIN)/ldm-experiment $(NAME) $(if $(SMOKE),--smoke) $(ARGS)
 
-test: install  ## the test suite (CPU)
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
-
-test-fast: install  ## the suite without tests marked slow
+test: install  ## the test suite without the tests marked slow (multi-process runs, whole studies): what to run after a change
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+test-slow: install  ## only the tests marked slow (real multi-process runs, SIGKILL/requeue, studies); CI runs them after make test
+	$(BIN)/python -m pytest -q -m slow $(PYTEST_ARGS)
+
+test-all: install  ## the whole suite (make test + make test-slow in one pytest run)
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 lint: install  ## ruff
 	$(BIN)/ruff check ldm tests benchmarks
