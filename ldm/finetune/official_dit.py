@@ -183,7 +183,7 @@ def check_backbone_config(dit: OfficialDiT, node: Mapping[str, Any]) -> None:
         what = (node.get("_target_", "?").rsplit(".", 1)[-1] + " " +
                 ", ".join(f"{k} {node.get(k)}" for k in (*sizes, *rest) if k in node))
         raise InitError(f"init.path={dit.path} is an official {name} checkpoint ({dit.summary}) but the configured "
-                        f"backbone is {what}: add {' '.join(fixes)} (or init.derive_config=true)")
+                        f"backbone is {what}: add {' '.join(fixes)}" + (" (or init.derive_config=true)" if preset else ""))
 
 
 def check_schedule(dit: OfficialDiT, schedule: Mapping[str, Any], prediction: str) -> None:

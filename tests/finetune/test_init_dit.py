@@ -167,7 +167,11 @@ def test_a_train_py_checkpoint_loads_its_ema_copy(tiny_vae_export, latent_channe
     with caplog.at_level("INFO", logger="ldm.finetune"):
         _, module = build(compose_cfg, run_overrides(tiny_vae_export, tmp_path / "0010000.pt"), tmp_path / "a")
     assert torch.equal(module.model.backbone.blocks[1].mlp.fc2.weight, ema["blocks.1.mlp.fc2.weight"])
-    assert "ema" in caplog.text and "DiT-XL/2" in caplog.text
+    assert "'ema' weights of a train.py checkpoint" in caplog.text and "DiT-XL/2" in caplog.text
+    rows = [line.split("\t") for line in (tmp_path / "a" / "init_report.tsv").read_text().splitlines()[1:]]
+    where = {key: destination for key, _, destination in rows}
+    assert all(where[f"ema.{k}"] == "backbone" for k in ema) and len(where) == 2 * len(ema) + 2
+    assert where["model.pos_embed"].startswith("skipped: the other copy") and where["opt.state.0.exp_avg"].startswith("skipped: optimizer")
     _, module = build(compose_cfg, run_overrides(tiny_vae_export, tmp_path / "0010000.pt", "init.use_ema=false"),
                       tmp_path / "b")
     assert torch.equal(module.model.backbone.blocks[1].mlp.fc2.weight, online["blocks.1.mlp.fc2.weight"])
@@ -267,3 +271,16 @@ def test_a_file_of_another_layout_names_its_format(tiny_vae_export, latent_chann
     with pytest.raises(InitError, match="official DiT checkpoint.*init=dit"):
         build(compose_cfg, [o for o in run_overrides(tiny_vae_export, "x") if not o.startswith("init")] + compvis,
               tmp_path / "c")
+
+
+def test_the_readme_command_for_dit_xl_2_passes_the_checks(compose_cfg, tmp_path):
+    """The README's command (the DiT-B/2 ImageNet recipe switched to the released DiT-XL/2 256 file) is what the
+    file needs: the checks of configure() pass, and the recipe alone is refused naming the two overrides."""
+    path = preset_file(tmp_path, "DiT-XL-2-256x256", 4, 28, 1152)
+    recipe = ["experiment=dit_b2_imagenet256", "data.root=/data/imagenet/train", "first_stage.path=/models/sd-vae-ft-ema",
+              "init=dit", f"init.path={path}"]
+    cfg = compose_cfg([*recipe, "model/ldm=dit_xl2", "model.ldm.backbone.learn_sigma=true"], tmp_path)
+    configure(cfg, tmp_path)
+    assert cfg.model.ldm.backbone.depth == 28 and cfg.cond.num_classes == 1000 and cfg.schedule.kind == "linear"
+    with pytest.raises(InitError, match="DiT-XL/2.*add model/ldm=dit_xl2 model.ldm.backbone.learn_sigma=true"):
+        configure(compose_cfg(recipe, tmp_path / "b"), tmp_path / "b")
