@@ -32,7 +32,7 @@ from torch import nn
 
 from ldm.diffusion.schedules import NoiseSchedule
 from ldm.finetune.source import InitError, layout_of
-from ldm.io.compvis import SAFETENSORS_SUFFIXES, load_torch_file, read_state_dict
+from ldm.io.compvis import SAFETENSORS_SUFFIXES, UNET_PREFIX, load_torch_file, read_state_dict
 from ldm.nets.dit import sincos_pos_embed_2d
 
 log = logging.getLogger("ldm.finetune")
@@ -104,6 +104,10 @@ def read_tensors(path: Path, use_ema: bool = True) -> tuple[dict[str, torch.Tens
 def architecture(state: Mapping[str, Any], path: Path) -> dict[str, Any]:
     """DiT constructor arguments the shapes decide (num_classes counts the null row, as ours)."""
     layout = layout_of(state.keys())
+    if layout == "compvis" and f"{UNET_PREFIX}x_embedder.proj.weight" in state:
+        raise InitError(f"init.path={path} holds an ldm DiT under model.diffusion_model.* (an export's "
+                        "model.safetensors or ldm-export --compvis), not a facebookresearch/DiT file: init=dit reads "
+                        "the latter, and init=export reads UNet exports only")
     if layout == "compvis":
         raise InitError(f"init.path={path} is a CompVis/SD single file (model.diffusion_model.*), not an official "
                         "DiT checkpoint: use init=compvis")

@@ -263,6 +263,12 @@ def test_a_file_of_another_layout_names_its_format(tiny_vae_export, latent_chann
     save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(4, 4, 3, 3)}, tmp_path / "sd.safetensors")
     with pytest.raises(InitError, match="CompVis.*init=compvis"):
         build(compose_cfg, run_overrides(tiny_vae_export, tmp_path / "sd.safetensors"), tmp_path / "a")
+    ours = {f"model.diffusion_model.{k}": v for k, v in official_state(latent_channels).items()}
+    save_file(ours, tmp_path / "model.safetensors")  # an ldm export's layout of the same DiT
+    with pytest.raises(InitError, match="an ldm DiT under model.diffusion_model"):
+        build(compose_cfg, run_overrides(tiny_vae_export, tmp_path / "model.safetensors"), tmp_path / "d")
+    with pytest.raises(InitError, match="is a folder, but init=dit reads one single file"):
+        build(compose_cfg, run_overrides(tiny_vae_export, tmp_path), tmp_path / "e")
     torch.save({"encoder.weight": torch.zeros(2)}, tmp_path / "other.pt")
     with pytest.raises(InitError, match="neither an official DiT checkpoint"):
         build(compose_cfg, run_overrides(tiny_vae_export, tmp_path / "other.pt"), tmp_path / "b")
