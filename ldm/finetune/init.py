@@ -1,9 +1,11 @@
-"""``init=compvis|diffusers|export``: stage 2 starts from a pretrained model instead of random weights.
+"""``init=compvis|diffusers|export|dit``: stage 2 starts from a pretrained model instead of random weights.
 
 ``InitSpec`` is the config node. ``derived_nodes`` reads, from the source, the Hydra nodes that must follow it
 (backbone config, first stage, conditioner, schedule, prediction type); ``load_backbone`` loads the UNet's
 weights into the configured backbone, failing on the first key whose shape differs (both shapes named), and
-``init_report`` lists every tensor of the source with where it went or why it was skipped.
+``init_report`` lists every tensor of the source with where it went or why it was skipped. ``init=dit`` (an
+official DiT checkpoint, ldm.finetune.official_dit) holds the transformer only: the run's schedule, objective,
+first stage and labels are checked against it, never replaced.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from omegaconf import OmegaConf
 from safetensors import safe_open
 from torch import nn
 
+from ldm.finetune import official_dit
 from ldm.finetune import source as src
 from ldm.finetune.text_encoder import context_dim, text_encoder_folder
 from ldm.io.compvis import FIRST_STAGE_PREFIX, UNET_PREFIX
@@ -35,10 +38,11 @@ class InitSpec:
     """Where stage 2 starts from.
 
     format: none (random initialisation: nothing is loaded), compvis (single file), diffusers (pipeline folder or
-        hub id) or export (an ldm-train stage-2 export).
+        hub id), export (an ldm-train stage-2 export) or dit (a facebookresearch/DiT checkpoint).
     derive_config: the backbone config is read from the source (true), or model/ldm must match it (false).
     first_stage / conditioner: also take the autoencoder / text encoder from the source (else the configured ones).
-    use_ema: a CompVis file's model_ema.* copy of the UNet instead of model.diffusion_model.*.
+    use_ema: a CompVis file's model_ema.* copy of the UNet instead of model.diffusion_model.*; a DiT train.py
+        checkpoint's "ema" copy instead of "model".
     original_config: the CompVis yaml of a single file (architecture, schedule and prediction type).
     prediction: eps | v | x0 where the source does not state it (a single file without its yaml); checked otherwise.
     tokenizer: the tokenizer folder of a single file's CLIP text encoder (a single file carries none).
@@ -59,8 +63,12 @@ class InitSpec:
     def __post_init__(self) -> None:
         if self.format not in ("none", *src.FORMATS):
             raise src.InitError(f"init.format={self.format!r} is not one of {('none', *src.FORMATS)}")
-        if self.use_ema and self.format != "compvis":
-            raise src.InitError("init.use_ema reads a CompVis file's model_ema.* copy: only with init=compvis")
+        if self.use_ema and self.format not in ("compvis", "dit"):
+            raise src.InitError("init.use_ema reads a CompVis file's model_ema.* copy (or a DiT checkpoint's 'ema'): "
+                                "only with init=compvis or init=dit")
+        if self.format == "dit" and (self.first_stage or self.conditioner):
+            raise src.InitError("an official DiT checkpoint holds the transformer only; its first stage and labels "
+                                "come from first_stage= and cond=: set init.first_stage=false init.conditioner=false")
 
     @property
     def loads(self) -> bool:
@@ -79,6 +87,14 @@ def derived_nodes(spec: InitSpec, cache_dir: str, gradient_checkpointing: bool =
     """{config key: node} for what the source decides: ``backbone`` (UNetModel kwargs), ``schedule``,
     ``prediction``, and where asked ``first_stage`` and ``conditioner`` (+ ``context_dim``)."""
     path = spec.local
+    if spec.format == "dit":
+        src.check_kind(path, spec.format)
+        dit = official_dit.describe(path, spec.use_ema)
+        nodes = {"schedule": {"_target_": "ldm.diffusion.schedules.NoiseSchedule", **official_dit.SCHEDULE},
+                 "prediction": official_dit.PREDICTION, "dit": dit}
+        if spec.derive_config:
+            nodes["backbone"] = official_dit.backbone_node(dit, gradient_checkpointing)
+        return nodes
     kwargs = src.unet_kwargs(path, spec.format, spec.original_config)
     schedule, prediction = src.schedule_and_prediction(path, spec.format, spec.original_config, spec.prediction)
     nodes: dict[str, Any] = {
@@ -153,8 +169,8 @@ def backbone_state(spec: InitSpec, backbone: nn.Module) -> dict[str, torch.Tenso
 
 
 def load_backbone(backbone: nn.Module, spec: InitSpec) -> nn.Module:
-    """Load the source's UNet into ``backbone``; the first mismatch names the key and both shapes."""
-    state = backbone_state(spec, backbone)
+    """Load the source's UNet (or DiT) into ``backbone``; the first mismatch names the key and both shapes."""
+    state = official_dit.load(backbone, spec.local, spec.use_ema) if spec.format == "dit" else backbone_state(spec, backbone)
     problem = first_mismatch(backbone.state_dict(), state)
     if problem is not None:
         how = ("the configured model/ldm (init.derive_config=false) is another architecture: drop "
@@ -171,6 +187,8 @@ def load_backbone(backbone: nn.Module, spec: InitSpec) -> nn.Module:
 
 def _source_tensors(spec: InitSpec) -> list[tuple[str, tuple[int, ...]]]:
     path = spec.local
+    if spec.format == "dit":
+        return sorted(official_dit.describe(path, spec.use_ema).shapes.items())
     if spec.format == "compvis":
         return sorted(src.compvis_shapes(path).items())
     if spec.format == "export":
@@ -185,6 +203,8 @@ def _source_tensors(spec: InitSpec) -> list[tuple[str, tuple[int, ...]]]:
 
 
 def _destination(spec: InitSpec, key: str) -> str:
+    if spec.format == "dit":
+        return _dit_destination(spec, key)
     unet = "model.diffusion_model." if spec.format != "diffusers" else "unet/"
     ema = spec.use_ema and key.startswith("model_ema.") and key != "model_ema.num_updates"
     if (key.startswith(unet) and not spec.use_ema) or ema:
@@ -202,6 +222,15 @@ def _destination(spec: InitSpec, key: str) -> str:
                "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod"):
         return "skipped: schedule buffer (the schedule config is derived instead)"
     return "skipped: not part of a latent diffusion model we build"
+
+
+def _dit_destination(spec: InitSpec, key: str) -> str:
+    copy = official_dit.describe(spec.local, spec.use_ema).copy
+    if copy == "state dict" or key.startswith(copy + "."):
+        return "backbone"
+    if key.startswith(("ema.", "model.")):
+        return "skipped: the other copy (init.use_ema)"
+    return "skipped: optimizer state" if key.startswith("opt.") else "skipped: not part of the DiT"
 
 
 def init_report(spec: InitSpec, out: str | Path | None = None) -> list[tuple[str, tuple[int, ...], str]]:

@@ -1,6 +1,6 @@
 """Pretrained models stage 2 can start from (issue 18), read without Lightning and without unpickling.
 
-Three formats, one reader each:
+Four formats, one reader each:
 
 * ``compvis``: a CompVis / Stable Diffusion single file (``.safetensors``; ``.ckpt``/``.pt`` only through
   ``torch.load(weights_only=True)``): ``model.diffusion_model.*`` (UNet), ``first_stage_model.*`` (VAE),
@@ -8,6 +8,10 @@ Three formats, one reader each:
 * ``diffusers``: a diffusers pipeline folder (``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``,
   ``scheduler/``), a local path or a hub id (``huggingface_hub.snapshot_download``, where a network exists).
 * ``export``: a stage-2 export folder of ``ldm-train`` (``model.safetensors`` + ``config.yaml`` + ``meta.json``).
+* ``dit``: a facebookresearch/DiT checkpoint (the transformer only; ldm.finetune.official_dit).
+
+A single file's layout is recognised from its keys (``layout_of``), so a file given to the wrong ``init=`` is
+named for what it is.
 
 Everything here is cached per (path, modification time): Hydra resolvers call it once per config key.
 """
@@ -39,7 +43,11 @@ from ldm.io.convert import unet_from_diffusers, unet_from_diffusers_config
 from ldm.io.export import ExportError, read_export
 from ldm.io.load import backbone_config_of
 
-FORMATS = ("compvis", "diffusers", "export")
+FORMATS = ("compvis", "diffusers", "export", "dit")
+SINGLE_FILE_FORMATS = ("compvis", "dit")
+# keys every facebookresearch/DiT state dict holds (models.py names; ldm.nets.dit keeps them)
+DIT_KEYS = ("x_embedder.proj.weight", "pos_embed", "t_embedder.mlp.0.weight", "blocks.0.attn.qkv.weight",
+            "blocks.0.mlp.fc1.weight", "final_layer.linear.weight")
 # diffusers' names for what our schedules and objectives call eps / v / x0 and our schedule kinds.
 DIFFUSERS_PREDICTIONS = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
 DIFFUSERS_BETA_SCHEDULES = {"linear": "linear", "scaled_linear": "scaled_linear", "squaredcos_cap_v2": "cosine"}
@@ -74,19 +82,29 @@ _WHAT = {
     "compvis": "a CompVis/SD single file (.safetensors, or .ckpt read with weights_only=True)",
     "diffusers": "a diffusers pipeline folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/) or a hub id",
     "export": "a stage-2 export folder of ldm-train (model.safetensors + config.yaml + meta.json)",
+    "dit": "a facebookresearch/DiT checkpoint (DiT-XL-2-256x256.pt, or a train.py checkpoint)",
 }
+
+
+def layout_of(keys) -> str | None:
+    """'dit' (facebookresearch/DiT), 'compvis' (model.diffusion_model.*) or None: the layout of a single file."""
+    keys = set(keys)
+    if all(k in keys for k in DIT_KEYS):
+        return "dit"
+    return "compvis" if any(k.startswith(UNET_PREFIX) for k in keys) else None
 
 
 def _stamp(path: Path) -> tuple[str, int]:
     return str(path.resolve()), path.stat().st_mtime_ns
 
 
-def _check_kind(path: Path, fmt: str) -> None:
-    if fmt == "compvis" and path.is_dir():
+def check_kind(path: Path, fmt: str) -> None:
+    if fmt in SINGLE_FILE_FORMATS and path.is_dir():
         hint = "init=export" if (path / "meta.json").is_file() else "init=diffusers"
-        raise InitError(f"init.path={path} is a folder, but init=compvis reads one single file: use {hint}")
-    if fmt != "compvis" and not path.is_dir():
-        raise InitError(f"init.path={path} is a file, but init={fmt} reads a folder: use init=compvis for a single file")
+        raise InitError(f"init.path={path} is a folder, but init={fmt} reads one single file: use {hint}")
+    if fmt not in SINGLE_FILE_FORMATS and not path.is_dir():
+        raise InitError(f"init.path={path} is a file, but init={fmt} reads a folder: use init=compvis (or init=dit "
+                        "for a DiT checkpoint) for a single file")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -137,7 +155,7 @@ def diffusers_weights(folder: Path, part: str) -> dict[str, torch.Tensor]:
 
 def unet_kwargs(path: Path, fmt: str, original_config: str | None = None) -> dict[str, Any]:
     """UNetModel kwargs of the source (transformer as a plain mapping)."""
-    _check_kind(path, fmt)
+    check_kind(path, fmt)
     if fmt == "export":
         _, config, _ = read_export(path, kind="ldm")
         node = OmegaConf.to_container(backbone_config_of(config), resolve=True)
@@ -150,7 +168,10 @@ def unet_kwargs(path: Path, fmt: str, original_config: str | None = None) -> dic
         original = read_original_config(original_config)
         if original.unet:
             return original.unet
-    unet = strip_prefix(_meta(compvis_shapes(path)), UNET_PREFIX)
+    shapes = compvis_shapes(path)
+    unet = strip_prefix(_meta(shapes), UNET_PREFIX)
+    if not unet and layout_of(shapes) == "dit":
+        raise InitError(f"init.path={path} is an official DiT checkpoint (facebookresearch/DiT keys): use init=dit")
     if not unet:
         raise InitError(f"{path} holds no {UNET_PREFIX}* weights: not a CompVis/SD single file")
     return unet_kwargs_from_state_dict(unet)
@@ -175,7 +196,7 @@ def schedule_and_prediction(
     """(NoiseSchedule kwargs, prediction) as the source states them. A single file without its original yaml
     does not state its prediction type (SD-2.x 768 is v, SD-2.x 512 and SD-1.x are eps): then ``prediction``
     must be given; it is never silently assumed."""
-    _check_kind(path, fmt)
+    check_kind(path, fmt)
     if fmt == "export":
         _, config, _ = read_export(path, kind="ldm")
         objective = OmegaConf.to_container(config.objective, resolve=True)

@@ -21,6 +21,7 @@ from torch import nn
 from ldm.errors import ConfigError
 from ldm.finetune.init import InitSpec, derived_nodes, init_report, load_backbone
 from ldm.finetune.lora import LoraSpec, apply_lora, freeze_except
+from ldm.finetune.official_dit import check_backbone_config, check_schedule
 
 log = logging.getLogger("ldm.finetune")
 MODES = ("full", "lora")
@@ -154,6 +155,11 @@ def _apply_init(cfg: DictConfig, init: InitSpec) -> None:
     """Replace what the source decides; each replacement is logged, none is silent."""
     checkpointing = bool(OmegaConf.select(cfg, "model.ldm.backbone.gradient_checkpointing", default=False))
     nodes = derived_nodes(init, str(cfg.paths.cache_dir), checkpointing)
+    if init.format == "dit":
+        # the file states no schedule of its own (official DiT has one): the run must already use it
+        check_schedule(nodes["dit"], OmegaConf.to_container(cfg.schedule, resolve=True), cfg.objective.prediction)
+        if not init.derive_config:
+            check_backbone_config(nodes["dit"], OmegaConf.to_container(cfg.model.ldm.backbone, resolve=True))
     if init.derive_config:
         _set(cfg, "model.ldm.backbone", nodes["backbone"])
     _set(cfg, "schedule", nodes["schedule"])

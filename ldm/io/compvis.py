@@ -17,7 +17,8 @@ import json
 import math
 import pickle
 import re
-from collections.abc import Mapping
+import zipfile
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -59,8 +60,23 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             raise ExportError(f"{path} is not a readable safetensors file: {err}") from err
     if suffix not in TORCH_SUFFIXES:
         raise ExportError(f"{path}: unknown checkpoint type {suffix!r}; expected {SAFETENSORS_SUFFIXES + TORCH_SUFFIXES}")
+    obj = load_torch_file(path)
+    if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
+        obj = obj["state_dict"]
+    tensors = {str(k): v for k, v in obj.items() if torch.is_tensor(v)} if isinstance(obj, Mapping) else {}
+    if not tensors:
+        raise ExportError(f"{path} holds no tensors (expected a state dict, or a dict with a 'state_dict' entry)")
+    return tensors
+
+
+def load_torch_file(path: Path, allowed: Sequence[type] = (), mmap: bool = False) -> Any:
+    """``torch.load(weights_only=True)`` of a pickle checkpoint. ``allowed``: the few plain classes a known format
+    stores besides tensors (DiT's train.py: ``argparse.Namespace``); anything else is refused. mmap: tensors are
+    read lazily from the file where it is a zip archive (what torch >= 1.6 writes), so a multi-GB file whose
+    shapes are all that is wanted costs no memory."""
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(list(allowed)):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and zipfile.is_zipfile(path))
     except pickle.UnpicklingError as err:
         # name the offending object (torch's "Unsupported global: GLOBAL posix.system ..." line), if given
         culprit = next((line.strip().split(". ")[0] for line in str(err).splitlines() if "GLOBAL" in line), "")
@@ -71,12 +87,6 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         ) from err
     except (RuntimeError, EOFError, OSError) as err:
         raise ExportError(f"{path} is not a readable torch checkpoint: {err}") from err
-    if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
-        obj = obj["state_dict"]
-    tensors = {str(k): v for k, v in obj.items() if torch.is_tensor(v)} if isinstance(obj, Mapping) else {}
-    if not tensors:
-        raise ExportError(f"{path} holds no tensors (expected a state dict, or a dict with a 'state_dict' entry)")
-    return tensors
 
 
 def strip_prefix(tensors: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
