@@ -160,7 +160,7 @@ def write_compvis(parts: LatentDiffusionParts, path: Path, yaml_path: Path | Non
         raise ExportError(f"--compvis must name a .safetensors file, got {path}")
     yaml_path = yaml_path or path.with_suffix(".yaml")
     yaml_text = OmegaConf.to_yaml(OmegaConf.create(original_config(parts)))  # fails before anything is written
-    save_tensors_atomic(path, text_encoder.compvis_tensors(parts.tensors))
+    save_tensors_atomic(path, text_encoder.compvis_tensors(parts.tensors, _text_to_image(parts)))
     write_text_atomic(yaml_path, yaml_text)
     return path, yaml_path
 

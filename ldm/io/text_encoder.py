@@ -64,11 +64,8 @@ def shipped_encoder(embedder: Mapping[str, Any], tensors: Mapping[str, torch.Ten
     config = transformers.AutoConfig.from_pretrained(pretrained, local_files_only=True)
     tokenizer = transformers.AutoTokenizer.from_pretrained(pretrained, local_files_only=True)
     tokenizer.model_max_length = int(embedder.get("max_length", 77))  # pipelines pad prompts to it, as we do
-    model_class = ENCODER_CLASSES.get(config.model_type) or (config.architectures or ["AutoModel"])[0]
-    if tuned:
-        state = dict(tuned)
-    else:
-        state = getattr(transformers, model_class).from_pretrained(pretrained, local_files_only=True).state_dict()
+    model_class = _model_class(config)
+    state = dict(tuned) if tuned else _frozen_state(pretrained, model_class)
     config_dict = config.to_dict()
     config_dict["architectures"] = [model_class]
     if is_clip_text(state):
@@ -91,10 +88,38 @@ def write_pipeline_parts(encoder: ShippedEncoder, folder: Path) -> dict[str, lis
             "tokenizer": ["transformers", type(encoder.tokenizer).__name__]}
 
 
-def compvis_tensors(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The export's tensors with a fine-tuned CLIP tower under SD-1.x's ``cond_stage_model.transformer.text_model.*``
-    (other towers keep our names)."""
-    tower = tuned_tower(tensors)
+def _model_class(config: Any) -> str:
+    return ENCODER_CLASSES.get(config.model_type) or (config.architectures or ["AutoModel"])[0]
+
+
+def _frozen_state(pretrained: str, model_class: str) -> dict[str, torch.Tensor]:
+    import transformers
+
+    return getattr(transformers, model_class).from_pretrained(pretrained, local_files_only=True).state_dict()
+
+
+def frozen_clip_tower(embedder: Mapping[str, Any] | None) -> dict[str, torch.Tensor]:
+    """The whole CLIP tower of a frozen text embedder whose ``pretrained`` is a local folder (empty otherwise: a
+    hub id stays a reference, another encoder has no SD-1.x place). Whole: a single-file loader applies CLIP skip
+    (``layer=penultimate``) itself."""
+    if embedder is None or not Path(str(embedder.get("pretrained"))).is_dir():
+        return {}
+    import transformers
+
+    pretrained = str(embedder.get("pretrained"))
+    config = transformers.AutoConfig.from_pretrained(pretrained, local_files_only=True)
+    if _model_class(config) != "CLIPTextModel":
+        return {}
+    return _frozen_state(pretrained, "CLIPTextModel")
+
+
+def compvis_tensors(tensors: Mapping[str, torch.Tensor],
+                    embedder: Mapping[str, Any] | None = None) -> dict[str, torch.Tensor]:
+    """The export's tensors with its CLIP tower under SD-1.x's ``cond_stage_model.transformer.text_model.*`` (other
+    towers keep our names): the fine-tuned one it carries, or else the frozen one ``embedder`` (the text embedder
+    of a text-to-image model) names by a local folder, so that single-file loaders (A1111, ComfyUI, diffusers'
+    ``from_single_file``) find the text encoder in the file as in SD-1.x's own checkpoints."""
+    tower = tuned_tower(tensors) or frozen_clip_tower(embedder)
     if not tower or not is_clip_text(tower):
         return dict(tensors)
     out = {k: v for k, v in tensors.items() if not k.startswith(TUNED_PREFIX)}

@@ -79,6 +79,22 @@ def test_ldm_train_starts_from_each_format_and_reports_every_tensor(tiny, compos
 
     sampler, _ = load_ldm_export(tmp_path / "export")  # the export is an ordinary one
     assert sampler.conditioner.spec.context_dim == 64
+    # Its CompVis single file carries the frozen CLIP tower where SD-1.x checkpoints have it, not only a reference
+    from safetensors.torch import load_file
+    from transformers import CLIPTextModel
+
+    from ldm.export_cli import main as export_main
+    from ldm.io.convert.clip import to_transformers4
+
+    assert export_main([str(tmp_path / "export"), "--compvis", str(tmp_path / "sd.safetensors")]) == 0
+    prefix = "cond_stage_model.transformer."
+    tower = {k.removeprefix(prefix): v for k, v in load_file(str(tmp_path / "sd.safetensors")).items() if k.startswith(prefix)}
+    base = to_transformers4(  # the installed transformers may name it without text_model.
+        CLIPTextModel.from_pretrained(str(tiny / "diffusers" / "text_encoder")).state_dict())
+    base.pop("text_model.embeddings.position_ids", None)
+    tower.pop("text_model.embeddings.position_ids", None)
+    assert tower.keys() == base.keys()
+    assert all(torch.equal(tower[k], base[k]) for k in base)  # a copy of the frozen weights
 
 
 def test_init_errors_name_the_fix(tiny, compose_cfg, tmp_path):
