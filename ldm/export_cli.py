@@ -12,7 +12,8 @@
     (class embeddings), if any. A text-to-image model's encoder is shipped as ``text_encoder/`` + ``tokenizer/``
     (fine-tuned: merged; frozen: copied from its local folder), so ``StableDiffusionPipeline.from_pretrained``
     reads the folder alone; a frozen encoder named by hub id stays a reference (model_index entries null).
-    --compvis carries a fine-tuned CLIP tower as SD-1.x's ``cond_stage_model.transformer.text_model.*``.
+    --compvis carries the CLIP tower (fine-tuned, or frozen from its local folder) as SD-1.x's
+    ``cond_stage_model.transformer.text_model.*``.
 --lora: the adapters of a ``finetune=lora`` run (``<export>/lora``) as ``pytorch_lora_weights.safetensors`` in
     diffusers/peft naming; ``--merge`` is required to write such a run's merged model with --diffusers/--compvis.
 Every file is written atomically; the diffusers folder appears complete or not at all.
