@@ -21,7 +21,7 @@ from ldm.io.checkpoint_io import (
     tensors_hash,
     upgrade_checkpoint_keys,
 )
-from ldm.lit import sharding
+from ldm.lit import meta_init, sharding
 from ldm.lit.ema import EMA, EMAConfig
 from ldm.lit.images import draw_preview, preview_conditions
 from ldm.model import LatentDiffusion
@@ -149,9 +149,10 @@ class LatentDiffusionModule(pl.LightningModule):
         policy = sharding.mixed_precision_policy(self.trainer.precision)
         # null: the blocks the backbone declares as its sharding units (ldm.nets.backbone)
         units = self.speed.fsdp_units if self.speed.fsdp_units is not None else getattr(self.model.backbone, "fsdp_units", ())
-        sharding.shard_module(self.model.backbone, data_parallel, units, policy, compile_mode)
-        if self.ema is not None:
-            sharding.shard_module(self.ema.model, data_parallel, units, policy)
+        # Rank 0 built the backbone for real, the other ranks on the meta device (ldm.lit.meta_init): each
+        # allocates its shards only, filled from rank 0's weights; the EMA copy from the live shards.
+        meta_init.shard_from_rank0(self.model.backbone, self.ema.model if self.ema is not None else None,
+                                   data_parallel, units, policy, compile_mode, self.trainer.strategy.root_device)
         # Learned conditioning (class embeddings) must be sharded too: FSDP reduces only its own gradients.
         copies = [self.ema_conditioner.model.embedders] if self.ema_conditioner is not None else []
         for i, embedder in enumerate(self.model.conditioner.embedders):

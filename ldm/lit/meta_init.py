@@ -1,0 +1,96 @@
+"""FSDP without a full copy of the backbone per rank: ranks other than 0 build it on the meta device (shapes,
+no memory), shard it, allocate only their shards, and receive the initial weights from rank 0 one tensor at a
+time; the EMA copy is sharded empty and filled from the live shards.
+
+Rank 0 alone builds the backbone for real, exactly as a single-process or DDP run does (same seed, same random
+draws, ``init=`` loaded there): that is what makes an FSDP run start from the same weights. So rank 0 holds
+one full copy of the backbone while the run starts (its own EMA copy, deep-copied at construction, is dropped
+before sharding); every other rank holds 1/world of (backbone + EMA), plus one full tensor in flight while it
+is broadcast. Resuming a distributed checkpoint then overwrites the shards in place (DCP reads each rank's
+slices only). What stays whole on every rank, as under DDP: the frozen first stage and the conditioner.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from ldm.lit import sharding
+
+
+def empty_backbone_config(cfg: DictConfig) -> None:
+    """Make ``stage.module`` build its backbone on the meta device (a rank other than 0 under FSDP). Called
+    after ``config.yaml`` is written: the recorded config stays the user's."""
+    node = OmegaConf.to_container(cfg.stage.module.model.backbone, resolve=True)
+    cfg.stage.module.model.backbone = {"_target_": f"{__name__}.build_empty", "_partial_": True, "factory": node}
+
+
+def build_empty(factory: Any, **wired: Any) -> nn.Module:
+    """The backbone ``factory`` builds, on the meta device: no memory, no random draws, no weights read."""
+    with torch.device("meta"):
+        return factory(**wired)
+
+
+def is_empty(module: nn.Module) -> bool:
+    return any(t.is_meta for t in itertools.chain(module.parameters(), module.buffers()))
+
+
+def shard_from_rank0(backbone: nn.Module, ema: nn.Module | None, mesh, units, policy, compile_mode: str | None,
+                     device: torch.device) -> None:
+    """Shard ``backbone`` (built for real on rank 0, empty elsewhere) and its EMA copy ``ema`` over ``mesh``,
+    allocating only this rank's shards on ``device``. Collective: every rank calls it."""
+    full = initial_weights(backbone)
+    sharding.shard_module(backbone, mesh, units, policy, compile_mode)
+    materialize_from_rank0(backbone, full, device)
+    del full  # rank 0's full copy goes here
+    if ema is not None:
+        drop(ema)
+        sharding.shard_module(ema, mesh, units, policy)
+        fill_from(ema, backbone, device)
+
+
+def initial_weights(module: nn.Module) -> dict[str, torch.Tensor] | None:
+    """What rank 0 broadcasts: references to ``module``'s full tensors (taken before sharding frees them from
+    the module); None on a rank that built it empty."""
+    return None if is_empty(module) else dict(module.state_dict())
+
+
+def materialize_from_rank0(module: nn.Module, full: dict[str, torch.Tensor] | None, device: torch.device) -> None:
+    """Allocate a sharded ``module``'s local shards on ``device`` and fill them from rank 0's ``full`` state
+    dict, one tensor at a time (collective: every rank calls it; only rank 0's ``full`` is read)."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    if dist.get_rank() == 0 and full is None:
+        raise RuntimeError("rank 0 built the backbone empty: it must build it for real (ldm.lit.meta_init)")
+    if is_empty(module):
+        module.to_empty(device=device)
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(module, full if full is not None else {}, options=options)
+    # Buffers outside the state dict (persistent=False) are not broadcast above; they are whole on every rank.
+    stated = set(module.state_dict())
+    for name, buffer in module.named_buffers():
+        if name not in stated:
+            dist.broadcast(buffer, src=0)
+
+
+def drop(module: nn.Module) -> None:
+    """Free a module's memory, keeping its shapes (meta), before it is sharded and re-allocated."""
+    module.to_empty(device="meta")
+
+
+def fill_from(copy: nn.Module, live: nn.Module, device: torch.device) -> None:
+    """Allocate the sharded, empty ``copy`` (the EMA's) and copy ``live``'s shards into it, shard by shard: no
+    communication, and never a full tensor."""
+    copy.to_empty(device=device)
+    with torch.no_grad():
+        for (name, target), (live_name, source) in zip(
+                itertools.chain(copy.named_parameters(), copy.named_buffers()),
+                itertools.chain(live.named_parameters(), live.named_buffers())):
+            if name != live_name:
+                raise RuntimeError(f"the EMA copy and the live backbone differ at {name} / {live_name}")
+            sharding.local(target).copy_(sharding.local(source.detach()))
