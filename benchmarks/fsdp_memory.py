@@ -8,7 +8,8 @@ No training: the backbone is built, sharded and filled, on ``--world`` gloo proc
     python benchmarks/fsdp_memory.py --model dit_b2 --world 2 --full
 
 ``--check``: rank 0 also keeps a copy of the initial weights (outside the count), and every rank checks that
-the gathered backbone and EMA equal it. Prints one JSON line per rank.
+the gathered backbone and EMA equal it. Each rank prints its figures and writes them to
+``<--out>/<full|sharded>_rank<r>.json``.
 """
 
 from __future__ import annotations
@@ -63,12 +64,39 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace) -> None:
     record = {"rank": rank, "world": world, "model": args.model, "full": args.full, "setup_allocated": memory.allocated,
               "setup_peak": memory.peak, "held_after": memory.held, "local_weights": weights,
               "model_and_ema": full_bytes}
+    record.update(export_bytes(rank, {"model": backbone, "ema": ema}, args))
     if args.check:
         for module in (backbone, ema):
             gathered = sharding.full_state_dict(module, only_rank0=True)
             record.setdefault("equal", []).append(rank != 0 or all(torch.equal(gathered[k], reference[k]) for k in reference))
+    mode = "full" if args.full else "sharded"
+    (Path(args.out) / f"{mode}_rank{rank}.json").write_text(json.dumps(record))
     print(json.dumps(record), flush=True)
     dist.destroy_process_group()
+
+
+def export_bytes(rank: int, modules: dict[str, torch.nn.Module], args: argparse.Namespace) -> dict:
+    """Rank 0's traced peak while the sharded ``modules`` are written to one safetensors file: streamed (each
+    tensor gathered as it is written, ``save_export``'s way) or, with ``--full``, gathered whole on rank 0 first
+    (``sharding.full_state_dict``, the way before)."""
+    from ldm.io.export import save_tensors_atomic, save_tensors_streamed
+    from ldm.lit import sharding
+    from ldm.lit.traced_memory import TracedMemory
+
+    path = Path(args.out) / ("full.safetensors" if args.full else "streamed.safetensors")
+    with TracedMemory() as memory:
+        if args.full:
+            gathered = {f"{prefix}.{k}": v for prefix, module in modules.items()
+                        for k, v in sharding.full_state_dict(module, only_rank0=True).items()}
+            if rank == 0:
+                save_tensors_atomic(path, gathered)
+            del gathered
+        else:
+            tensors = {f"{prefix}.{k}": v for prefix, module in modules.items() for k, v in module.state_dict().items()}
+            save_tensors_streamed(path, tensors, write=rank == 0)
+            del tensors
+    largest = max(t.numel() * t.element_size() for module in modules.values() for t in module.state_dict().values())
+    return {"export_peak": memory.peak, "largest_tensor": largest}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -77,6 +105,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--world", type=int, default=2)
     parser.add_argument("--full", action="store_true", help="every rank builds the full model and EMA (the old path)")
     parser.add_argument("--check", action="store_true", help="check the gathered weights against rank 0's build")
+    parser.add_argument("--out", default=".", help="the folder the export file is written to")
     args = parser.parse_args(argv)
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

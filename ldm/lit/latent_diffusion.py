@@ -324,18 +324,23 @@ class LatentDiffusionModule(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # --- export -------------------------------------------------------------------------------------
-    def export_tensors(self) -> dict[str, torch.Tensor]:
+    def export_tensors(self, gather: bool = True) -> dict[str, torch.Tensor]:
         """CompVis single-file layout: the EMA backbone is the model (as SD checkpoints ship it). Collective
         under FSDP (the shards are gathered one tensor at a time): every rank must call it; only rank 0's
-        result is complete."""
+        result is complete. ``gather=False``: FSDP shards stay DTensors, for ``save_export`` to gather one at a
+        time as it writes them."""
         model = self.model
-        backbone = sharding.full_state_dict(self.sampling_backbone(), only_rank0=True)
+
+        def state(module: nn.Module) -> dict[str, torch.Tensor]:
+            return sharding.full_state_dict(module, only_rank0=True) if gather else dict(module.state_dict())
+
+        backbone = state(self.sampling_backbone())
         tensors = {f"model.diffusion_model.{k}": v for k, v in backbone.items()}
         # Frozen pretrained encoders are referenced by their config, not copied: only embedders that train ship,
         # whole (a LoRA'd text encoder with its base, merged by the LoRA export), averaged where the EMA has them.
         trained = tuple(f"embedders.{i}." for i, e in enumerate(model.conditioner.embedders)
                         if any(p.requires_grad for p in e.parameters()))
-        conditioner = sharding.full_state_dict(self.sampling_conditioner(), only_rank0=True)
+        conditioner = state(self.sampling_conditioner())
         tensors.update({f"cond_stage_model.{k}": v for k, v in conditioner.items() if trained and k.startswith(trained)})
         tensors.update({f"first_stage_model.{k}": v for k, v in model.first_stage.autoencoder.state_dict().items()})
         tensors["scale_factor"] = model.first_stage.scale_factor.detach().clone()

@@ -4,9 +4,9 @@ time; the EMA copy is sharded empty and filled from the live shards.
 
 Rank 0 alone builds the backbone for real, exactly as a single-process or DDP run does (same seed, same random
 draws, ``init=`` loaded there): that is what makes an FSDP run start from the same weights. So rank 0 holds
-one full copy of the backbone while the run starts (its own EMA copy, deep-copied at construction, is dropped
-before sharding); every other rank holds 1/world of (backbone + EMA), plus one full tensor in flight while it
-is broadcast. Resuming a distributed checkpoint then overwrites the shards in place (DCP reads each rank's
+the full backbone and its EMA copy (deep-copied at construction) while the run starts, as every rank of a DDP
+run does; it drops the EMA copy before sharding and its full backbone once broadcast. Every other rank
+allocates 1/world of (backbone + EMA), plus one full tensor in flight while it is broadcast. Resuming a distributed checkpoint then overwrites the shards in place (DCP reads each rank's
 slices only). What stays whole on every rank, as under DDP: the frozen first stage and the conditioner.
 """
 
@@ -43,12 +43,13 @@ def shard_from_rank0(backbone: nn.Module, ema: nn.Module | None, mesh, units, po
                      device: torch.device) -> None:
     """Shard ``backbone`` (built for real on rank 0, empty elsewhere) and its EMA copy ``ema`` over ``mesh``,
     allocating only this rank's shards on ``device``. Collective: every rank calls it."""
+    if ema is not None:
+        drop(ema)  # rank 0's deep copy, first: it then holds one full backbone beside the shards
     full = initial_weights(backbone)
     sharding.shard_module(backbone, mesh, units, policy, compile_mode)
     materialize_from_rank0(backbone, full, device)
     del full  # rank 0's full copy goes here
     if ema is not None:
-        drop(ema)
         sharding.shard_module(ema, mesh, units, policy)
         fill_from(ema, backbone, device)
 

@@ -68,4 +68,5 @@ def _real(leaves) -> list[torch.Tensor]:
     from torch.distributed.tensor import DTensor
 
     tensors = [t.to_local() if isinstance(t, DTensor) else t for t in leaves]
-    return [t for t in tensors if isinstance(t, torch.Tensor) and not isinstance(t, DTensor) and not t.is_meta]
+    # Other subclasses (a functional collective's AsyncCollectiveTensor) wrap a plain tensor counted itself.
+    return [t for t in tensors if type(t) in (torch.Tensor, torch.nn.Parameter) and not t.is_meta]
