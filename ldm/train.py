@@ -39,8 +39,8 @@ from ldm.io.checkpoint_io import check_resume_checkpoint, newest_resume_checkpoi
 from ldm.io.export import write_text_atomic
 from ldm.lit.export import AutoencoderExport, LatentDiffusionExport
 from ldm.lit.finetune import BaseReference
-from ldm.lit.reliability import NonFiniteLossError, keep_csv_history
 from ldm.lit.meta_init import empty_backbone_config
+from ldm.lit.reliability import NonFiniteLossError, keep_csv_history
 from ldm.lit.sharding import check_trainer, is_fsdp
 from ldm.lit.startup import check_precision, check_run_name
 from ldm.run_notes import (

@@ -1,6 +1,7 @@
 """FSDP at size, simulated on the CPU (trainer=fsdp_sim: FSDP2 through ModelParallelStrategy, gloo): the
 mixed-precision policy on every unit, distributed (DCP) checkpoints written by 2 processes resumed by 3
-and by 1 with exactly the state they hold, and init= loaded through rank 0 into meta-built shards. Real processes through ``python -m ldm.train``."""
+and by 1 with exactly the state they hold, and init= loaded through rank 0 into meta-built shards. Real
+processes through ``python -m ldm.train``."""
 
 from __future__ import annotations
 
