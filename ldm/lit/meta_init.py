@@ -70,6 +70,8 @@ def materialize_from_rank0(module: nn.Module, full: dict[str, torch.Tensor] | No
         raise RuntimeError("rank 0 built the backbone empty: it must build it for real (ldm.lit.meta_init)")
     if is_empty(module):
         module.to_empty(device=device)
+    else:  # rank 0's shards: on the device the broadcast runs on (NCCL: the GPU), as the other ranks' are
+        module.to(device)
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
     set_model_state_dict(module, full if full is not None else {}, options=options)
     # Buffers outside the state dict (persistent=False) are not broadcast above; they are whole on every rank.
