@@ -42,13 +42,14 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("data_parallel",))
-    factory = instantiate(OmegaConf.load(REPO / "conf" / "model" / "ldm" / f"{args.model}.yaml").backbone)
+    node = OmegaConf.load(REPO / "conf" / "model" / "ldm" / f"{args.model}.yaml").backbone
+    factory = instantiate(node)
     policy = sharding.mixed_precision_policy("32-true")
     reference = None
     with TracedMemory() as memory:
         torch.manual_seed(0)
         empty = not args.full and rank != 0
-        backbone = meta_init.build_empty(factory, **WIRED) if empty else factory(**WIRED)
+        backbone = meta_init.build_empty(node, **WIRED) if empty else factory(**WIRED)
         if args.check and rank == 0:
             with memory.paused():
                 reference = {k: v.clone() for k, v in backbone.state_dict().items()}

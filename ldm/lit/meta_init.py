@@ -26,13 +26,19 @@ def empty_backbone_config(cfg: DictConfig) -> None:
     """Make ``stage.module`` build its backbone on the meta device (a rank other than 0 under FSDP). Called
     after ``config.yaml`` is written: the recorded config stays the user's."""
     node = OmegaConf.to_container(cfg.stage.module.model.backbone, resolve=True)
-    cfg.stage.module.model.backbone = {"_target_": f"{__name__}.build_empty", "_partial_": True, "factory": node}
+    # Not recursive: the node itself is instantiated under the meta device (init= builds the backbone right there).
+    cfg.stage.module.model.backbone = {"_target_": f"{__name__}.build_empty", "_partial_": True,
+                                       "_recursive_": False, "node": node}
 
 
-def build_empty(factory: Any, **wired: Any) -> nn.Module:
-    """The backbone ``factory`` builds, on the meta device: no memory, no random draws, no weights read."""
+def build_empty(node: Any, **wired: Any) -> nn.Module:
+    """The backbone the config ``node`` gives, built on the meta device: no memory, no random draws, no weights
+    read. ``node`` gives a factory (called with the ``wired`` conditioning arguments) or, with init=, the backbone."""
+    from hydra.utils import instantiate
+
     with torch.device("meta"):
-        return factory(**wired)
+        built = instantiate(node)
+        return built if isinstance(built, nn.Module) else built(**wired)
 
 
 def is_empty(module: nn.Module) -> bool:
