@@ -151,14 +151,16 @@ class LatentDiffusionModule(pl.LightningModule):
         units = self.speed.fsdp_units if self.speed.fsdp_units is not None else getattr(self.model.backbone, "fsdp_units", ())
         # Rank 0 built the backbone for real, the other ranks on the meta device (ldm.lit.meta_init): each
         # allocates its shards only, filled from rank 0's weights; the EMA copy from the live shards.
+        device = self.trainer.strategy.root_device
         meta_init.shard_from_rank0(self.model.backbone, self.ema.model if self.ema is not None else None,
-                                   data_parallel, units, policy, compile_mode, self.trainer.strategy.root_device)
-        # Learned conditioning (class embeddings) must be sharded too: FSDP reduces only its own gradients.
-        copies = [self.ema_conditioner.model.embedders] if self.ema_conditioner is not None else []
+                                   data_parallel, units, policy, compile_mode, device)
+        # Learned conditioning (class embeddings) must be sharded too: FSDP reduces only its own gradients. Its
+        # values are rank 0's as well, its EMA copy's from its shards (averaged shard by shard).
+        copies = self.ema_conditioner.model.embedders if self.ema_conditioner is not None else None
         for i, embedder in enumerate(self.model.conditioner.embedders):
             if any(p.requires_grad for p in embedder.parameters()):
-                for owner in (embedder, *(c[i] for c in copies)):  # the EMA copy alike: averaged shard by shard
-                    sharding.shard_module(owner, data_parallel, (), policy)
+                ema = copies[i] if copies is not None else None
+                meta_init.shard_from_rank0(embedder, ema, data_parallel, (), policy, None, device)
 
     def setup(self, stage: str) -> None:
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None

@@ -47,8 +47,10 @@ def is_empty(module: nn.Module) -> bool:
 
 def shard_from_rank0(backbone: nn.Module, ema: nn.Module | None, mesh, units, policy, compile_mode: str | None,
                      device: torch.device) -> None:
-    """Shard ``backbone`` (built for real on rank 0, empty elsewhere) and its EMA copy ``ema`` over ``mesh``,
-    allocating only this rank's shards on ``device``. Collective: every rank calls it."""
+    """Shard ``backbone`` (built for real on rank 0, empty or not elsewhere) and its EMA copy ``ema`` over
+    ``mesh``, allocating only this rank's shards on ``device``, all of them rank 0's values (FSDP, unlike DDP,
+    does not make the ranks agree: a rank that skipped the backbone's random draws draws other values for what
+    it builds next, a trained conditioner's LoRA). Collective: every rank calls it."""
     if ema is not None:
         drop(ema)  # rank 0's deep copy, first: it then holds one full backbone beside the shards
     full = initial_weights(backbone)
@@ -62,8 +64,10 @@ def shard_from_rank0(backbone: nn.Module, ema: nn.Module | None, mesh, units, po
 
 def initial_weights(module: nn.Module) -> dict[str, torch.Tensor] | None:
     """What rank 0 broadcasts: references to ``module``'s full tensors (taken before sharding frees them from
-    the module); None on a rank that built it empty."""
-    return None if is_empty(module) else dict(module.state_dict())
+    the module); None on the other ranks."""
+    import torch.distributed as dist
+
+    return None if dist.get_rank() != 0 or is_empty(module) else dict(module.state_dict())
 
 
 def materialize_from_rank0(module: nn.Module, full: dict[str, torch.Tensor] | None, device: torch.device) -> None:
