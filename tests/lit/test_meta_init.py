@@ -41,7 +41,8 @@ def test_setup_and_export_never_hold_the_full_state_where_the_old_path_does(tmp_
     assert old_one["setup_peak"] >= pair
     # Rank 0 built both whole, as every rank did before (documented in ldm.lit.meta_init), and ends on its shards.
     assert zero["setup_peak"] < 1.05 * old_zero["setup_peak"] and zero["held_after"] < 0.55 * pair
-    # Export: rank 0 holds at most the largest tensor (plus a little), against the whole state gathered first.
-    assert zero["export_peak"] < 1.1 * zero["largest_tensor"] + 4096
+    # Export: rank 0 holds the tensor being written (at most two: a gather's buffers may outlive its tensor until
+    # the next gather), against the whole state gathered first.
+    assert zero["export_peak"] <= 2 * zero["largest_tensor"]
     assert old_zero["export_peak"] >= pair
     assert (tmp_path / "streamed.safetensors").read_bytes() == (tmp_path / "full.safetensors").read_bytes()
