@@ -1,6 +1,7 @@
 """FSDP at size, simulated on the CPU (trainer=fsdp_sim: FSDP2 through ModelParallelStrategy, gloo): the
-mixed-precision policy on every unit, and distributed (DCP) checkpoints written by 2 processes resumed by 3
-and by 1 with exactly the state they hold. Real processes through ``python -m ldm.train``."""
+mixed-precision policy on every unit, distributed (DCP) checkpoints written by 2 processes resumed by 3
+and by 1 with exactly the state they hold, and init= loaded through rank 0 into meta-built shards. Real
+processes through ``python -m ldm.train``."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import test_distributed  # noqa: E402
-from test_distributed import ldm_overrides, run_train  # noqa: E402
+from test_distributed import export_tensors, ldm_overrides, run_train  # noqa: E402
 
 stage1_export = test_distributed.stage1_export  # the stage-1 export fixture, shared
 
@@ -100,6 +101,18 @@ def test_a_sharded_checkpoint_of_2_processes_resumes_on_3_and_on_1_with_the_stat
     model, _ = load_ldm(checkpoint)
     for key, value in model.backbone.state_dict().items():
         assert torch.equal(value, stored["state_dict"][f"ema.model.{key}"]), key
+
+    # init= under FSDP: rank 0 alone reads the weights (the other ranks build the backbone on the meta device) and
+    # sends each rank its shards; the run starts from exactly the export's backbone, EMA included.
+    initialised = tmp_path / "init"
+    train(stage1_export, initialised, 2, "init=export", f"init.path={first / 'export'}", "stage.max_steps=1")
+    source = {k.removeprefix("model.diffusion_model."): v for k, v in export_tensors(first).items()
+              if k.startswith("model.diffusion_model.")}
+    start = torch.load(initialised / "start.pt", weights_only=True)["state_dict"]
+    for prefix in ("model.backbone.", "ema.model."):
+        assert {k.removeprefix(prefix) for k in start if k.startswith(prefix)} == source.keys()
+        for key, value in source.items():
+            assert torch.equal(start[prefix + key], value), prefix + key
 
     for devices in (3, 1):
         resumed = tmp_path / f"on{devices}"

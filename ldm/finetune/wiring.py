@@ -68,7 +68,9 @@ def prepare_backbone(backbone: Any, init: InitSpec | None = None, finetune: Fine
     if not isinstance(backbone, nn.Module):
         factory = backbone
         return lambda **wired: prepare_backbone(factory(**wired), init, finetune, report)
-    if init is not None and init.loads:
+    # On the meta device (an FSDP rank other than 0, ldm.lit.meta_init) there is nothing to load into: rank 0
+    # loads the weights and sends each rank its shards.
+    if init is not None and init.loads and not any(p.is_meta for p in backbone.parameters()):
         init_report(init, report)
         load_backbone(backbone, init)
     if finetune is not None and finetune.mode == "lora":

@@ -66,20 +66,71 @@ def save_tensors_atomic(path: str | os.PathLike, tensors: dict[str, torch.Tensor
         save_file(owned, str(tmp))
 
 
+# safetensors lays tensors out by dtype, in the descending order of its (Rust) Dtype enum, then by name.
+_SAFETENSORS_DTYPES = {torch.bool: "BOOL", torch.uint8: "U8", torch.int8: "I8", torch.float8_e5m2: "F8_E5M2",
+                       torch.float8_e4m3fn: "F8_E4M3", torch.int16: "I16", torch.uint16: "U16", torch.float16: "F16",
+                       torch.bfloat16: "BF16", torch.int32: "I32", torch.uint32: "U32", torch.float32: "F32",
+                       torch.float64: "F64", torch.int64: "I64", torch.uint64: "U64"}
+_DTYPE_RANK = {dtype: i for i, dtype in enumerate(_SAFETENSORS_DTYPES)}
+
+
+def save_tensors_streamed(path: str | os.PathLike, tensors: dict[str, torch.Tensor], write: bool = True) -> None:
+    """The file ``save_tensors_atomic`` writes, byte for byte, written one tensor at a time: ``tensors`` may hold
+    DTensors (FSDP shards), each gathered only when its bytes are written, so the writer never holds more than
+    one full tensor. The header (names, dtypes, shapes, offsets) comes from the DTensors' metadata, ungathered.
+
+    Collective where ``tensors`` holds DTensors: every rank calls it with the same keys (the gathers run in the
+    same order everywhere); only a rank with ``write`` writes the file."""
+    unknown = sorted({str(t.dtype) for t in tensors.values() if t.dtype not in _DTYPE_RANK})
+    if unknown:
+        raise ExportError(f"safetensors cannot store {unknown}: cast these tensors before exporting them")
+    order = sorted(tensors, key=lambda k: (-_DTYPE_RANK[tensors[k].dtype], k))
+    header, offset = {}, 0
+    for key in order:
+        size = tensors[key].numel() * tensors[key].element_size()  # a DTensor's numel is the global one
+        header[key] = {"dtype": _SAFETENSORS_DTYPES[tensors[key].dtype], "shape": list(tensors[key].shape),
+                       "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)  # safetensors pads its header with spaces to 8 bytes
+    if not write:
+        for key in order:
+            _full(tensors[key])
+        return
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(len(text).to_bytes(8, "little") + text)
+        for key in order:
+            f.write(_full(tensors[key]).detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+
+
+def _full(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor: a DTensor's shards gathered (a collective), a plain tensor as it is."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
 def save_export(
     folder: str | os.PathLike,
     tensors: dict[str, torch.Tensor],
     config: dict | DictConfig,
     meta: dict[str, Any],
+    write: bool = True,
 ) -> Path:
-    """Write an export folder. ``config`` holds ``_target_`` nodes; ``meta`` must name a ``kind``."""
+    """Write an export folder. ``config`` holds ``_target_`` nodes; ``meta`` must name a ``kind``.
+
+    ``tensors`` may hold FSDP shards (DTensors): every rank then calls this, and only the one with ``write``
+    writes, gathering one tensor at a time (``save_tensors_streamed``)."""
     if "kind" not in meta:
         raise ValueError("export meta must name its kind ('autoencoder' or 'ldm')")
     folder = Path(folder)
+    if not write:
+        save_tensors_streamed(folder / WEIGHTS, tensors, write=False)
+        return folder
     folder.mkdir(parents=True, exist_ok=True)
     if isinstance(config, DictConfig):
         config = OmegaConf.to_container(config, resolve=True)
-    save_tensors_atomic(folder / WEIGHTS, tensors)
+    save_tensors_streamed(folder / WEIGHTS, tensors)
     write_text_atomic(folder / CONFIG, OmegaConf.to_yaml(OmegaConf.create(config)))
     # meta.json is written last: its presence marks a complete export.
     write_text_atomic(folder / META, json.dumps(meta, indent=2, sort_keys=True))

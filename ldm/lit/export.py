@@ -109,19 +109,25 @@ class LatentDiffusionExport(pl.Callback):
         }
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        tensors = pl_module.export_tensors()  # every rank: under FSDP this gathers the shards
-        if not trainer.is_global_zero:
-            return
-        # finetune=lora: the merged model is the export, the adapters go to <export>/lora (ldm.lit.finetune)
-        tensors = lora_export(self.cfg, pl_module, tensors, self.folder)
+        # Every rank. Under FSDP the shards stay sharded and save_export gathers one tensor at a time as rank 0
+        # writes it (never the whole state on one rank), except where finetune=lora merges adapters: gathered.
+        lora = OmegaConf.select(self.cfg, "finetune.mode") == "lora"
+        tensors = pl_module.export_tensors(gather=lora)
+        zero = trainer.is_global_zero
+        if zero:
+            # finetune=lora: the merged model is the export, the adapters go to <export>/lora (ldm.lit.finetune)
+            tensors = lora_export(self.cfg, pl_module, tensors, self.folder)
+        elif lora:
+            return  # gathered on rank 0 already: nothing left to take part in
         meta = {
             "kind": "ldm",
             "latent_channels": int(pl_module.model.first_stage.latent_channels),
             "global_step": int(trainer.global_step),
             "first_stage_export": str(self.cfg.first_stage.path),
         }
-        save_export(self.folder, tensors, self.export_config(pl_module), meta)
-        print(f"latent diffusion export: {self.folder}", flush=True)
+        save_export(self.folder, tensors, self.export_config(pl_module) if zero else {}, meta, write=zero)
+        if zero:
+            print(f"latent diffusion export: {self.folder}", flush=True)
 
 
 def backbone_config(node: dict[str, Any], wired: dict[str, Any]) -> dict[str, Any]:

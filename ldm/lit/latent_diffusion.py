@@ -21,7 +21,7 @@ from ldm.io.checkpoint_io import (
     tensors_hash,
     upgrade_checkpoint_keys,
 )
-from ldm.lit import sharding
+from ldm.lit import meta_init, sharding
 from ldm.lit.ema import EMA, EMAConfig
 from ldm.lit.images import draw_preview, preview_conditions
 from ldm.model import LatentDiffusion
@@ -149,15 +149,18 @@ class LatentDiffusionModule(pl.LightningModule):
         policy = sharding.mixed_precision_policy(self.trainer.precision)
         # null: the blocks the backbone declares as its sharding units (ldm.nets.backbone)
         units = self.speed.fsdp_units if self.speed.fsdp_units is not None else getattr(self.model.backbone, "fsdp_units", ())
-        sharding.shard_module(self.model.backbone, data_parallel, units, policy, compile_mode)
-        if self.ema is not None:
-            sharding.shard_module(self.ema.model, data_parallel, units, policy)
-        # Learned conditioning (class embeddings) must be sharded too: FSDP reduces only its own gradients.
-        copies = [self.ema_conditioner.model.embedders] if self.ema_conditioner is not None else []
+        # Rank 0 built the backbone for real, the other ranks on the meta device (ldm.lit.meta_init): each
+        # allocates its shards only, filled from rank 0's weights; the EMA copy from the live shards.
+        device = self.trainer.strategy.root_device
+        meta_init.shard_from_rank0(self.model.backbone, self.ema.model if self.ema is not None else None,
+                                   data_parallel, units, policy, compile_mode, device)
+        # Learned conditioning (class embeddings) must be sharded too: FSDP reduces only its own gradients. Its
+        # values are rank 0's as well, its EMA copy's from its shards (averaged shard by shard).
+        copies = self.ema_conditioner.model.embedders if self.ema_conditioner is not None else None
         for i, embedder in enumerate(self.model.conditioner.embedders):
             if any(p.requires_grad for p in embedder.parameters()):
-                for owner in (embedder, *(c[i] for c in copies)):  # the EMA copy alike: averaged shard by shard
-                    sharding.shard_module(owner, data_parallel, (), policy)
+                ema = copies[i] if copies is not None else None
+                meta_init.shard_from_rank0(embedder, ema, data_parallel, (), policy, None, device)
 
     def setup(self, stage: str) -> None:
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
@@ -323,18 +326,23 @@ class LatentDiffusionModule(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # --- export -------------------------------------------------------------------------------------
-    def export_tensors(self) -> dict[str, torch.Tensor]:
+    def export_tensors(self, gather: bool = True) -> dict[str, torch.Tensor]:
         """CompVis single-file layout: the EMA backbone is the model (as SD checkpoints ship it). Collective
         under FSDP (the shards are gathered one tensor at a time): every rank must call it; only rank 0's
-        result is complete."""
+        result is complete. ``gather=False``: FSDP shards stay DTensors, for ``save_export`` to gather one at a
+        time as it writes them."""
         model = self.model
-        backbone = sharding.full_state_dict(self.sampling_backbone(), only_rank0=True)
+
+        def state(module: nn.Module) -> dict[str, torch.Tensor]:
+            return sharding.full_state_dict(module, only_rank0=True) if gather else dict(module.state_dict())
+
+        backbone = state(self.sampling_backbone())
         tensors = {f"model.diffusion_model.{k}": v for k, v in backbone.items()}
         # Frozen pretrained encoders are referenced by their config, not copied: only embedders that train ship,
         # whole (a LoRA'd text encoder with its base, merged by the LoRA export), averaged where the EMA has them.
         trained = tuple(f"embedders.{i}." for i, e in enumerate(model.conditioner.embedders)
                         if any(p.requires_grad for p in e.parameters()))
-        conditioner = sharding.full_state_dict(self.sampling_conditioner(), only_rank0=True)
+        conditioner = state(self.sampling_conditioner())
         tensors.update({f"cond_stage_model.{k}": v for k, v in conditioner.items() if trained and k.startswith(trained)})
         tensors.update({f"first_stage_model.{k}": v for k, v in model.first_stage.autoencoder.state_dict().items()})
         tensors["scale_factor"] = model.first_stage.scale_factor.detach().clone()

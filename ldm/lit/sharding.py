@@ -45,9 +45,8 @@ def check_trainer(trainer: Any, ckpt_path: str | None = None) -> None:
     ``trainer``: the ``trainer`` config node; ``ckpt_path``: the checkpoint the run resumes, if any."""
     from ldm.io.sharded_checkpoint import is_sharded_checkpoint
 
-    strategy = trainer.get("strategy") if hasattr(trainer, "get") else None
-    target = str(strategy.get("_target_", "") if hasattr(strategy, "get") else strategy or "")
-    fsdp = target.endswith(_FSDP_STRATEGIES)
+    target = _strategy_target(trainer)
+    fsdp = is_fsdp(trainer)
     if fsdp:
         check_precision(trainer.get("precision", "32-true"))
     elif target.endswith("FSDPStrategy") or target == "fsdp":
@@ -58,6 +57,16 @@ def check_trainer(trainer: Any, ckpt_path: str | None = None) -> None:
         raise ConfigError(
             f"ckpt_path={ckpt_path} is a distributed (sharded) checkpoint, which resumes under FSDP only: use "
             "trainer=fsdp (any number of GPUs) or trainer=fsdp_sim trainer.devices=1 on the CPU")
+
+
+def _strategy_target(trainer: Any) -> str:
+    strategy = trainer.get("strategy") if hasattr(trainer, "get") else None
+    return str(strategy.get("_target_", "") if hasattr(strategy, "get") else strategy or "")
+
+
+def is_fsdp(trainer: Any) -> bool:
+    """Whether the ``trainer`` config node shards with FSDP2 (trainer=fsdp / fsdp_sim)."""
+    return _strategy_target(trainer).endswith(_FSDP_STRATEGIES)
 
 
 def mixed_precision_policy(precision: str):
