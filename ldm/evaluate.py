@@ -63,7 +63,7 @@ def generate(cfg: DictConfig, out_dir: Path) -> SampleSet:
     sampler, info = load_ldm(Path(str(cfg.model_path)), distributed.local_device(), bool(cfg.use_ema))
     sampler_cfg = OmegaConf.to_container(cfg.sampler) if cfg.get("sampler") else dict(info["config"]["sampler"])
     image_size = int(cfg.image_size or info["config"]["data"]["image_size"])
-    guidance, guidance_record = sampling_guidance(cfg, sampler, Path(str(cfg.model_path)))
+    guidance, guidance_record = sampling_guidance(cfg, sampler, Path(str(cfg.model_path)), info)
     scale = guidance_scales(cfg.guidance_scale, info)[0]
     conditioner = sampler.conditioner
     if conditioner.takes_prompts and cfg.prompts is None and cfg.prompts_file is None and str(cfg.reference) == "mnist5k":

@@ -151,13 +151,21 @@ def inpaint_model_condition(cfg: DictConfig, sampler: LatentDiffusion, image_siz
     return inpaint_condition(sampler.first_stage, images, holes)
 
 
-def sampling_guidance(cfg: DictConfig, model: LatentDiffusion, model_path: Path) -> tuple[Any, dict[str, Any]]:
-    """(the resolved ``guidance`` group, its manifest record); autoguidance's guide is loaded and checked here,
-    before any sample is drawn."""
-    from ldm.io.guide import guidance_config, resolve_guidance
+def sampling_guidance(cfg: DictConfig, model: LatentDiffusion, model_path: Path,
+                      info: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """(the resolved guidance, its manifest record). ``guidance=`` given: that; else the method, band and guide the
+    model's own final samples used (its export records them), so ldm-sample, ldm-evaluate and training agree by
+    default; else (a model exported before the record) plain CFG. Autoguidance's guide is loaded and checked
+    here, before any sample is drawn."""
+    from ldm.io.guide import guidance_config, model_guidance, resolve_guidance
 
-    config = guidance_config(cfg.get("guidance"))
-    return resolve_guidance(config, model, str(model_path)), config.describe()
+    if cfg.get("guidance") is not None:
+        config, source = guidance_config(cfg.guidance), "command line"
+    else:
+        config, source = model_guidance(info, model_path), "model"
+        if config is None:
+            config, source = guidance_config(None), "default (the model records no guidance: plain CFG)"
+    return resolve_guidance(config, model, str(model_path)), {**config.describe(), "source": source}
 
 
 def sampling_precision(cfg: DictConfig, info: dict[str, Any], device: torch.device | str) -> torch.dtype | None:
@@ -181,7 +189,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     sampler_cfg = OmegaConf.to_container(cfg.sampler) if cfg.get("sampler") else dict(info["config"]["sampler"])
     image_size = int(cfg.image_size or info["config"]["data"]["image_size"])
     conditions = build_conditions(cfg, sampler)
-    guidance, guidance_record = sampling_guidance(cfg, sampler, model_path)
+    guidance, guidance_record = sampling_guidance(cfg, sampler, model_path, info)
     count = len(next(iter(conditions.values())))
     inpainting = [e for e in sampler.conditioner.embedders if e.needs_images]
     if inpainting:

@@ -141,7 +141,8 @@ def test_every_guidance_option_composes_for_every_entry_point(option):
         assert isinstance(config, GuidanceConfig)
         assert config.method == ("autoguidance" if option == "autoguidance" else "cfg")
         assert (config.interval is not None) == (option == "interval")
-    assert _compose("sample", []).guidance.method == "cfg"  # the default stays plain CFG
+    for app in ("sample", "evaluate"):  # no guidance= given: the model's own (tests/test_guidance_defaults.py)
+        assert _compose(app, []).get("guidance") is None
 
 
 # --- every path that samples passes the guidance through -------------------------------------------
@@ -191,7 +192,8 @@ def test_ldm_sample_passes_the_guidance_through(monkeypatch, tmp_path):
     (guidance,) = recorder.guidances
     assert (guidance.interval.low, guidance.interval.high, guidance.interval.unit) == (0.0, 450.0, "t")
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
-    assert manifest["guidance"] == {"method": "cfg", "interval": {"low": 0.0, "high": 450.0, "unit": "t"}, "guide": None}
+    assert manifest["guidance"] == {"method": "cfg", "interval": {"low": 0.0, "high": 450.0, "unit": "t"}, "guide": None,
+                                    "source": "command line"}
 
 
 def test_ldm_evaluate_passes_the_guidance_through(monkeypatch, tmp_path):

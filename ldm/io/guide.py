@@ -3,6 +3,7 @@ folder or a ``.ckpt``, like the model itself) and checked against the model befo
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,3 +30,34 @@ def resolve_guidance(config: Any, model: Any, model_name: str, device: str | tor
         guide, _ = load_ldm(str(config.guide), device if device is not None else model.device, config.guide_use_ema)
         check_guide(model, guide, model_name, str(config.guide))
     return Guidance(interval=config.interval, guide=guide)
+
+
+# In an export's `guidance` record a relative guide is the export's own (``<export>/guide``): a moved export
+# folder still finds it.
+OWN_GUIDE = "guide"
+
+
+def export_guidance_record(value: Any, export_folder: str | Path) -> dict[str, Any]:
+    """The export's ``guidance`` entry: the method, band and guide of the run's final samples (GuidanceConfig's
+    fields), which ldm-sample and ldm-evaluate use when no ``guidance=`` is given. The run's own guide is kept
+    relative to the export; any other guide as an absolute path (a relative one was relative to the run's cwd)."""
+    config = guidance_config(value)
+    guide = config.guide
+    if guide is not None:
+        path = Path(str(guide))
+        own = Path(export_folder) / OWN_GUIDE
+        guide = OWN_GUIDE if path.resolve() == own.resolve() else str(path.resolve())
+    return {**config.describe(), "guide": guide, "guide_use_ema": bool(config.guide_use_ema)}
+
+
+def model_guidance(info: dict[str, Any], model_path: str | Path) -> GuidanceConfig | None:
+    """The guidance a model's own final samples used: its export's ``guidance`` record, or the ``guidance`` of a
+    ``.ckpt``'s run config; None for a model that records none (exported before the record: plain CFG)."""
+    record = (info.get("config") or {}).get("guidance")
+    if record is None:
+        return None
+    config = guidance_config(dict(record))
+    model_path = Path(model_path)
+    if config.guide is not None and model_path.is_dir() and not Path(str(config.guide)).is_absolute():
+        config.guide = str(model_path / str(config.guide))
+    return config

@@ -11,6 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ldm.io.compvis import autoencoder_config_node
 from ldm.io.export import read_export, save_export
+from ldm.io.guide import export_guidance_record
 from ldm.lit.finetune import lora_export
 
 
@@ -106,6 +107,8 @@ class LatentDiffusionExport(pl.Callback):
             "data": OmegaConf.to_container(cfg.data, resolve=True),
             # The scale the run's final samples used: ldm-sample and ldm-evaluate default to it.
             "guidance_scale": OmegaConf.select(cfg, "stage.final_samples.guidance_scale"),
+            # and the method, band and guide (conf/guidance): ldm-sample and ldm-evaluate default to them too
+            "guidance": export_guidance_record(cfg.get("guidance"), self.folder),
         }
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

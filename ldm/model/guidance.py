@@ -25,7 +25,8 @@ def _interval(value: Any) -> GuidanceInterval | None:
     if value is None or isinstance(value, GuidanceInterval):
         return value
     if isinstance(value, Mapping):
-        fields = {k: v for k, v in value.items() if k != "_target_"}
+        # high None: no upper bound (how describe() and an export's record write infinity)
+        fields = {k: v for k, v in value.items() if k != "_target_" and not (k == "high" and v is None)}
         try:
             return GuidanceInterval(**fields)
         except (TypeError, ValueError) as err:
