@@ -59,7 +59,10 @@ class GuideSnapshot(pl.Callback):
         tensors["scale_factor"] = first_stage.scale_factor.detach().clone()
         meta = {"kind": "ldm", "latent_channels": int(first_stage.latent_channels), "global_step": self.at_step,
                 "guide_of": str(self.export.folder), "first_stage_export": str(self.export.cfg.first_stage.path)}
-        save_export(self.folder, tensors, self.export.export_config(pl_module), meta)
+        config = self.export.export_config(pl_module)
+        if config["guidance"].get("method") == "autoguidance":  # the guide has no guide of its own: sampled alone,
+            config["guidance"] = {**config["guidance"], "method": "cfg", "guide": None}  # it is plain CFG
+        save_export(self.folder, tensors, config, meta)
         print(f"guide export (EMA weights of step {self.at_step}, for guidance=autoguidance): {self.folder}",
               flush=True)
 
