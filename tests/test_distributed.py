@@ -111,6 +111,7 @@ def ddp_runs(stage1_export, tmp_path_factory) -> list[Path]:
     return runs
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_ddp_two_processes_with_metrics_and_final_samples(ddp_runs):
     """The default-run multi-process test: DDP over 2 gloo processes finishes (no hang in the metrics'

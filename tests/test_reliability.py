@@ -136,7 +136,8 @@ class SignalAfterMicroBatch(pl.Callback):
             os.kill(os.getpid(), self.signum)
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
+# SIGUSR1 (the SLURM requeue signal) takes the same path after the handler: slow, SIGTERM keeps it in make test
+@pytest.mark.parametrize("signum", [signal.SIGTERM, pytest.param(signal.SIGUSR1, marks=pytest.mark.slow)])
 def test_preempted_between_accumulated_micro_batches_then_resumed_equals_straight(vae_straight, compose_cfg, tmp_path,
                                                                                  monkeypatch, signum):
     """accumulate_grad_batches=2, the signal after micro-batch 5 (the first half of step 3): the run finishes step 3

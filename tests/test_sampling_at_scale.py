@@ -92,6 +92,7 @@ def stage1_export(tmp_path_factory) -> Path:
     return out / "export"
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(1500)
 def test_a_thousand_classes_on_two_processes_stream_without_gathering_images(stage1_export, tmp_path):
     run_dir, probe = tmp_path / "run", tmp_path / "probe_train"

@@ -90,6 +90,7 @@ def test_a_dit_backbone_trains_exports_and_samples_in_the_unet_slot(stage1, comp
     assert np.load(results["samples"])["arr_0"].shape == (10, 32, 32, 1)
 
 
+@pytest.mark.slow
 def test_stage2_with_latent_cache_hits_the_second_time(stage1, compose_cfg, tmp_path):
     vae_out, _ = stage1
     overrides = ["stage=ldm", "model/ldm=unet_tiny", f"first_stage.path={vae_out / 'export'}",

@@ -34,6 +34,7 @@ class EMAWatch:
         self._record("end", pl_module)
 
 
+@pytest.mark.slow
 def test_bf16_true_keeps_the_ema_in_fp32_and_it_moves(tiny_vae_export, compose_cfg, tmp_path, monkeypatch):
     import lightning.pytorch as pl
 
