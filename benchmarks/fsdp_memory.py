@@ -6,10 +6,13 @@ No training: the backbone is built, sharded and filled, on ``--world`` gloo proc
 
     python benchmarks/fsdp_memory.py --model dit_b2 --world 2
     python benchmarks/fsdp_memory.py --model dit_b2 --world 2 --full
+    python benchmarks/fsdp_memory.py --model dit_b2 --world 2 --resume
 
-``--check``: rank 0 also keeps a copy of the initial weights (outside the count), and every rank checks that
-the gathered backbone and EMA equal it. Each rank prints its figures and writes them to
-``<--out>/<full|sharded>_rank<r>.json``.
+``--resume``: the sharded state is saved as a distributed (DCP) checkpoint, then resumed as ldm-train resumes
+one: every rank, 0 included, builds empty and the checkpoint fills its shards (the figures are the resume's).
+``--check``: rank 0 also keeps a copy of the initial (or saved) weights, outside the count, and every rank
+checks that the gathered backbone and EMA equal it. Each rank prints its figures and writes them to
+``<--out>/<full|sharded|resume>_rank<r>.json``.
 """
 
 from __future__ import annotations
@@ -45,6 +48,8 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace) -> None:
     node = OmegaConf.load(REPO / "conf" / "model" / "ldm" / f"{args.model}.yaml").backbone
     factory = instantiate(node)
     policy = sharding.mixed_precision_policy("32-true")
+    units = factory.func.fsdp_units
+    cpu = torch.device("cpu")
     reference = None
     with TracedMemory() as memory:
         torch.manual_seed(0)
@@ -53,24 +58,39 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace) -> None:
         if args.check and rank == 0:
             with memory.paused():
                 reference = {k: v.clone() for k, v in backbone.state_dict().items()}
-        ema = EMA(backbone, EMAConfig()).model
-        units = factory.func.fsdp_units
+        ema = EMA(backbone, EMAConfig(copy_on_meta=not args.full)).model
         if args.full:
             sharding.shard_module(backbone, mesh, units, policy)
             sharding.shard_module(ema, mesh, units, policy)
         else:
-            meta_init.shard_from_rank0(backbone, ema, mesh, units, policy, None, torch.device("cpu"))
+            meta_init.shard_from_rank0(backbone, ema, mesh, units, policy, None, cpu)
+    if args.resume:
+        # The state above, saved as a distributed checkpoint, then resumed the way ldm-train resumes it: every
+        # rank (0 included) builds empty, allocates its shards and lets the checkpoint fill them.
+        import torch.distributed.checkpoint as dcp
+
+        folder = str(Path(args.out) / "dcp")
+        dcp.save({"model": backbone.state_dict(), "ema": ema.state_dict()}, checkpoint_id=folder)
+        if args.check:
+            with memory.paused():
+                reference = sharding.full_state_dict(backbone, only_rank0=True)
+        with TracedMemory() as memory:
+            backbone = meta_init.build_empty(node, **WIRED)
+            ema = EMA(backbone, EMAConfig(copy_on_meta=True)).model
+            meta_init.shard_from_rank0(backbone, ema, mesh, units, policy, None, cpu)
+            dcp.load({"model": backbone.state_dict(), "ema": ema.state_dict()}, checkpoint_id=folder)
+            meta_init.check_filled({"model": backbone, "ema": ema}, cpu, folder)
     weights = sum(sharding.local(t).nbytes for m in (backbone, ema) for t in m.state_dict().values())
     full_bytes = sum(t.numel() * t.element_size() for t in backbone.state_dict().values()) * 2
-    record = {"rank": rank, "world": world, "model": args.model, "full": args.full, "setup_allocated": memory.allocated,
-              "setup_peak": memory.peak, "held_after": memory.held, "local_weights": weights,
-              "model_and_ema": full_bytes}
+    record = {"rank": rank, "world": world, "model": args.model, "full": args.full, "resume": args.resume,
+              "setup_allocated": memory.allocated, "setup_peak": memory.peak, "held_after": memory.held,
+              "local_weights": weights, "model_and_ema": full_bytes}
     record.update(export_bytes(rank, {"model": backbone, "ema": ema}, args))
     if args.check:
         for module in (backbone, ema):
             gathered = sharding.full_state_dict(module, only_rank0=True)
             record.setdefault("equal", []).append(rank != 0 or all(torch.equal(gathered[k], reference[k]) for k in reference))
-    mode = "full" if args.full else "sharded"
+    mode = "full" if args.full else "resume" if args.resume else "sharded"
     (Path(args.out) / f"{mode}_rank{rank}.json").write_text(json.dumps(record))
     print(json.dumps(record), flush=True)
     dist.destroy_process_group()
@@ -105,6 +125,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", default="dit_b2", help="a conf/model/ldm preset with a DiT or UNet backbone")
     parser.add_argument("--world", type=int, default=2)
     parser.add_argument("--full", action="store_true", help="every rank builds the full model and EMA (the old path)")
+    parser.add_argument("--resume", action="store_true",
+                        help="measure a resume instead: every rank builds empty and a DCP checkpoint fills the shards")
     parser.add_argument("--check", action="store_true", help="check the gathered weights against rank 0's build")
     parser.add_argument("--out", default=".", help="the folder the export file is written to")
     args = parser.parse_args(argv)

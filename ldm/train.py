@@ -39,7 +39,7 @@ from ldm.io.checkpoint_io import check_resume_checkpoint, newest_resume_checkpoi
 from ldm.io.export import write_text_atomic
 from ldm.lit.export import AutoencoderExport, LatentDiffusionExport
 from ldm.lit.finetune import BaseReference
-from ldm.lit.meta_init import empty_backbone_config
+from ldm.lit.meta_init import fsdp_empty_build
 from ldm.lit.reliability import NonFiniteLossError, keep_csv_history
 from ldm.lit.sharding import check_trainer, is_fsdp
 from ldm.lit.startup import check_precision, check_run_name
@@ -246,8 +246,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
 
     datamodule = instantiate_checked(cfg.data, "data")
-    if cfg.stage.name == "ldm" and is_fsdp(cfg.trainer) and not rank_zero():
-        empty_backbone_config(cfg)  # its shards come from rank 0 (ldm.lit.meta_init)
+    if cfg.stage.name == "ldm" and is_fsdp(cfg.trainer):
+        fsdp_empty_build(cfg, rank0=rank_zero(), resume=ckpt_path is not None and base is None)
     module = instantiate_checked(cfg.stage.module, "stage.module")
     if ckpt_path is not None:
         check_resume_checkpoint(ckpt_path, module, cfg.stage.name)

@@ -24,6 +24,7 @@ SAMPLING = [
     "callbacks.sample_metrics.metrics=[accuracy,fid]", "stage.module.preview.every_n_steps=2",
     "stage.module.preview.per_class=1", "stage.final_samples.per_class=3", "stage.final_samples.metrics=[fid]",
     "sampler=ddim", "sampler.steps=4",
+    "stage.keep_guide_at_step=2",  # an autoguidance guide export (the EMA of step 2), gathered under FSDP
 ]
 
 
@@ -166,6 +167,15 @@ def test_fsdp_two_processes_match_ddp_with_ema_previews_and_final_samples(stage1
     assert ddp_tensors.keys() == fsdp_tensors.keys()
     for key, value in ddp_tensors.items():
         torch.testing.assert_close(fsdp_tensors[key], value, rtol=1e-4, atol=1e-5, msg=key)
+    # The guide (the EMA of step 2, gathered into rank 0 then and kept there) too; it is not the final EMA.
+    from safetensors.torch import load_file
+
+    ddp_guide, fsdp_guide = (load_file(str(run / "export" / "guide" / "model.safetensors")) for run in (ddp, fsdp))
+    assert ddp_guide.keys() == fsdp_guide.keys() == ddp_tensors.keys()
+    for key, value in ddp_guide.items():
+        torch.testing.assert_close(fsdp_guide[key], value, rtol=1e-4, atol=1e-5, msg=key)
+    backbone = [k for k in ddp_guide if k.startswith("model.diffusion_model.")]
+    assert any(not torch.equal(fsdp_guide[k], fsdp_tensors[k]) for k in backbone)
     # ... yet the EMA was averaged, not copied from the live weights.
     assert json.loads((fsdp / "results.json").read_text())["accuracy_n"] == 30
 

@@ -46,7 +46,7 @@ class ShardedStateRecorder(pl.Callback):
         backbone = pl_module.model.backbone
         units = {type(backbone.get_submodule(name)).__name__ for name in unit_policies(backbone) if name}
         record = {"world_size": trainer.world_size, "global_step": trainer.global_step, "policies": policies,
-                  "units": sorted(units)}
+                  "units": sorted(units), "initial_weights_from": pl_module.initial_weights_from}
         (self.folder / f"policies{trainer.global_rank}.json").write_text(json.dumps(record))
         if trainer.is_global_zero:
             trained = {k: v for k, v in weights.items()
@@ -88,6 +88,7 @@ def test_a_sharded_checkpoint_of_2_processes_resumes_on_3_and_on_1_with_the_stat
         assert record["units"] == ["FSDPResBlock", "FSDPSpatialTransformer"]  # fully_shard's subclasses
         assert len(record["policies"]) > 4 and "backbone." in record["policies"] and "ema." in record["policies"]
         assert set(map(tuple, record["policies"].values())) == {("torch.bfloat16", "torch.float32")}
+        assert record["initial_weights_from"] == "rank 0"  # a fresh run: rank 0's seeded build
     checkpoint = first / "checkpoints" / "last.ckpt"
     assert is_sharded_checkpoint(checkpoint)
     assert sorted(p.name for p in checkpoint.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
@@ -119,5 +120,9 @@ def test_a_sharded_checkpoint_of_2_processes_resumes_on_3_and_on_1_with_the_stat
         train(stage1_export, resumed, devices, f"ckpt_path={checkpoint}", "stage.max_steps=3")
         record = json.loads((resumed / "policies0.json").read_text())
         assert record["world_size"] == devices and record["global_step"] == 2
+        # Every rank, 0 included, built the backbone empty and took every tensor from the checkpoint
+        # (ldm.lit.meta_init): no rank held a full copy; the state below is the checkpoint's exactly.
+        for rank in range(devices):
+            assert json.loads((resumed / f"policies{rank}.json").read_text())["initial_weights_from"] == "checkpoint"
         assert_same_state(torch.load(resumed / "start.pt", weights_only=True), stored)
         assert json.loads((resumed / "results.json").read_text())["train/steps"] == 3

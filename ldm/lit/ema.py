@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -20,6 +21,9 @@ class EMAConfig:
 
     decay: float = 0.9999
     warmup_steps: int = 10
+    # Set by ldm-train under FSDP, not by hand: the copy is built on the meta device (shapes, no memory) and its
+    # shards are filled from the live model's once sharded (ldm.lit.meta_init), so no rank holds a full copy.
+    copy_on_meta: bool = False
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.decay < 1.0:
@@ -40,7 +44,8 @@ class EMA(nn.Module):
     def __init__(self, model: nn.Module, config: EMAConfig) -> None:
         super().__init__()
         self.config = config
-        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        copied = _empty_copy(model) if config.copy_on_meta else copy.deepcopy(model)
+        self.model = copied.eval().requires_grad_(False)
         # Parameters that do not train (a LoRA base, a freeze list) never change: the copy shares them instead of
         # holding a second one (a full SD UNet for a few MB of adapters), and only the trained ones are averaged.
         self.averaged = [n for n, p in model.named_parameters() if p.requires_grad]
@@ -105,6 +110,15 @@ class EMA(nn.Module):
         super().train(mode)
         self.model.eval()
         return self
+
+
+def _empty_copy(model: nn.Module) -> nn.Module:
+    """``model`` deep-copied with every parameter and buffer on the meta device: no memory is allocated."""
+    memo: dict[int, torch.Tensor] = {}
+    for tensor in itertools.chain(model.parameters(), model.buffers()):
+        empty = torch.empty_like(tensor, device="meta")
+        memo[id(tensor)] = nn.Parameter(empty, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else empty
+    return copy.deepcopy(model, memo)
 
 
 def _share_frozen(copy_: nn.Module, model: nn.Module) -> list[nn.Parameter]:

@@ -42,9 +42,11 @@ class GuideSnapshot(pl.Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         if self.tensors is not None or trainer.global_step != self.at_step:
             return
-        tensors = pl_module.export_tensors()  # every rank: under FSDP this gathers the shards
+        tensors = pl_module.export_tensors()  # every rank: under FSDP this gathers the shards into rank 0
+        # Rank 0 alone writes the guide, so it alone keeps it (host memory, one model's worth); the other ranks
+        # keep an empty record that the step was taken.
         self.tensors = {k: v.detach().to("cpu", copy=True) for k, v in tensors.items()
-                        if not k.startswith(_FROZEN_PREFIXES)}
+                        if not k.startswith(_FROZEN_PREFIXES)} if trainer.is_global_zero else {}
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.is_global_zero:
@@ -72,3 +74,6 @@ class GuideSnapshot(pl.Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if state_dict.get("at_step") == self.at_step:
             self.tensors = state_dict.get("tensors")
+            # A distributed checkpoint gives every rank rank 0's copy: only rank 0 writes the guide.
+            if self.tensors and torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+                self.tensors = {}

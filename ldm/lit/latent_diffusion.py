@@ -100,7 +100,9 @@ class LatentDiffusionModule(pl.LightningModule):
         self.ema = EMA(model.backbone, ema) if ema is not None else None
         # A text encoder that trains (LoRA adapters) is averaged too: the EMA UNet learned against the moving
         # encoder, so validation, previews and exports pair it with the encoder's average, never the live one.
-        self.ema_conditioner = EMA(model.conditioner, ema) if ema is not None and text_encoder_trains(model) else None
+        # Built whole (copy_on_meta concerns the backbone's copy): under FSDP only its trained embedders are sharded.
+        self.ema_conditioner = (EMA(model.conditioner, replace(ema, copy_on_meta=False))
+                                if ema is not None and text_encoder_trains(model) else None)
         self.preview = preview or PreviewConfig()
         self.image_size: int | None = None
         self._preview_step = -1
@@ -109,6 +111,8 @@ class LatentDiffusionModule(pl.LightningModule):
         self._frozen_hash: str | None = None
         self._bucket_stats: torch.Tensor | None = None  # (2, buckets): loss sums and counts since the last log
         self._configured = False
+        self._awaiting_checkpoint = False  # FSDP resume: the backbone's shards wait for the checkpoint
+        self.initial_weights_from: str | None = None  # FSDP: where the backbone's shards got their values
 
     # --- the model a sampler uses ---------------------------------------------------------------
     def sampling_backbone(self) -> nn.Module:
@@ -152,8 +156,11 @@ class LatentDiffusionModule(pl.LightningModule):
         # Rank 0 built the backbone for real, the other ranks on the meta device (ldm.lit.meta_init): each
         # allocates its shards only, filled from rank 0's weights; the EMA copy from the live shards.
         device = self.trainer.strategy.root_device
-        meta_init.shard_from_rank0(self.model.backbone, self.ema.model if self.ema is not None else None,
-                                   data_parallel, units, policy, compile_mode, device)
+        from_rank0 = meta_init.shard_from_rank0(self.model.backbone, self.ema.model if self.ema is not None else None,
+                                                data_parallel, units, policy, compile_mode, device)
+        # A resume built empty (no rank held a full copy): the checkpoint's load is checked at on_train_start.
+        self.initial_weights_from = "rank 0" if from_rank0 else "checkpoint"
+        self._awaiting_checkpoint = not from_rank0
         # Learned conditioning (class embeddings) must be sharded too: FSDP reduces only its own gradients. Its
         # values are rank 0's as well, its EMA copy's from its shards (averaged shard by shard).
         copies = self.ema_conditioner.model.embedders if self.ema_conditioner is not None else None
@@ -161,6 +168,12 @@ class LatentDiffusionModule(pl.LightningModule):
             if any(p.requires_grad for p in embedder.parameters()):
                 ema = copies[i] if copies is not None else None
                 meta_init.shard_from_rank0(embedder, ema, data_parallel, (), policy, None, device)
+
+    def on_train_start(self) -> None:
+        if self._awaiting_checkpoint:  # every shard the checkpoint should have set (ldm.lit.meta_init)
+            parts = {"model.backbone": self.model.backbone, **({"ema.model": self.ema.model} if self.ema else {})}
+            meta_init.check_filled(parts, self.device, str(self.trainer.ckpt_path))
+            self._awaiting_checkpoint = False
 
     def setup(self, stage: str) -> None:
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
