@@ -9,6 +9,7 @@ frontier, not from either metric alone: a method is better where its line lies b
 from __future__ import annotations
 
 import math
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -57,7 +58,7 @@ def plot(rows: Sequence[Any], x: str, series: str | None, metrics: Sequence[str]
         ax.grid(alpha=0.3)
         if len(lines) > 1 and i == 0:
             ax.legend(title=keys[0] if len(keys) == 1 else None, fontsize="small")
-    fig.suptitle(title)
+    fig.suptitle(textwrap.fill(title, 70))  # a study's title is a sentence: wrapped, not cut at the edges
     _atomic(Path(path), lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     return Path(path)
 
@@ -98,6 +99,6 @@ def frontier_plot(rows: Sequence[Any], x_metric: str, y_metric: str, series: str
     ax.grid(alpha=0.3)
     if series:
         ax.legend(title=series, fontsize="small")
-    fig.suptitle(title)
+    fig.suptitle(textwrap.fill(title, 70))  # a study's title is a sentence: wrapped, not cut at the edges
     _atomic(Path(path), lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     return Path(path)
