@@ -35,8 +35,8 @@ CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 # (an unreadable image is PIL's UnidentifiedImageError, an OSError).
 USER_ERRORS = (ValueError, OSError)
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
-# The scale an export trained before final samples recorded one (or a converted model) is sampled at: the
-# default's (conf/stage/ldm.yaml stage.final_samples.guidance_scale, chosen in experiments/recipe).
+# The scale an export trained before final samples recorded one (or a converted model) is sampled at, with plain
+# CFG as such an export records no method either: plain CFG's best on the default model (experiments/recipe).
 DEFAULT_GUIDANCE_SCALE = 1.75
 
 
