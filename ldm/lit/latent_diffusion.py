@@ -111,7 +111,6 @@ class LatentDiffusionModule(pl.LightningModule):
         self._frozen_hash: str | None = None
         self._bucket_stats: torch.Tensor | None = None  # (2, buckets): loss sums and counts since the last log
         self._configured = False
-        self._awaiting_checkpoint = False  # FSDP resume: the backbone's shards wait for the checkpoint
         self.initial_weights_from: str | None = None  # FSDP: where the backbone's shards got their values
 
     # --- the model a sampler uses ---------------------------------------------------------------
@@ -160,7 +159,6 @@ class LatentDiffusionModule(pl.LightningModule):
                                                 data_parallel, units, policy, compile_mode, device)
         # A resume built empty (no rank held a full copy): the checkpoint's load is checked at on_train_start.
         self.initial_weights_from = "rank 0" if from_rank0 else "checkpoint"
-        self._awaiting_checkpoint = not from_rank0
         # Learned conditioning (class embeddings) must be sharded too: FSDP reduces only its own gradients. Its
         # values are rank 0's as well, its EMA copy's from its shards (averaged shard by shard).
         copies = self.ema_conditioner.model.embedders if self.ema_conditioner is not None else None
@@ -170,10 +168,9 @@ class LatentDiffusionModule(pl.LightningModule):
                 meta_init.shard_from_rank0(embedder, ema, data_parallel, (), policy, None, device)
 
     def on_train_start(self) -> None:
-        if self._awaiting_checkpoint:  # every shard the checkpoint should have set (ldm.lit.meta_init)
+        if self.initial_weights_from == "checkpoint":  # every shard the checkpoint should have set (ldm.lit.meta_init)
             parts = {"model.backbone": self.model.backbone, **({"ema.model": self.ema.model} if self.ema else {})}
             meta_init.check_filled(parts, self.device, str(self.trainer.ckpt_path))
-            self._awaiting_checkpoint = False
 
     def setup(self, stage: str) -> None:
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
