@@ -29,8 +29,8 @@ def compose_evaluate(overrides: list[str], out: Path, cache: Path):
 
 @pytest.fixture(scope="module")
 def cache(request, tmp_path_factory) -> Path:
-    # Judge weights and reference features are keyed by their exact data, architecture and weights, so a
-    # cache that outlives the run is never stale; it saves retraining the judge (~10 s) on every run.
+    # Reference features are keyed by their exact data and the judge's weights (shipped), so a cache that
+    # outlives the run is never stale; it saves extracting them again on every run.
     store = getattr(request.config, "cache", None)  # absent under -p no:cacheprovider
     return Path(store.mkdir("ldm-eval-cache")) if store is not None else tmp_path_factory.mktemp("cache")
 

@@ -173,7 +173,7 @@ def test_logger_options_log_a_training_step(compose_cfg, tmp_path, monkeypatch, 
 
 @pytest.mark.slow
 def test_sample_metrics_callback_logs_finite_metrics(vq_export, compose_cfg, tmp_path, request):
-    store = getattr(request.config, "cache", None)  # the judge cache shared with tests/test_evaluate.py
+    store = getattr(request.config, "cache", None)  # the reference-feature cache shared with tests/test_evaluate.py
     cache = Path(store.mkdir("ldm-eval-cache")) if store is not None else tmp_path / "cache"
     results = train(compose_cfg([*STAGE2, "model/ldm=unet_tiny", "callbacks=sample_metrics", "logger=csv",
                                  f"first_stage.path={vq_export}", f"paths.cache_dir={cache}", *ONE_STEP,

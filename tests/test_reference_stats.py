@@ -32,7 +32,7 @@ def compose_evaluate(overrides: list[str], out: Path, cache: Path):
 
 @pytest.fixture(scope="module")
 def cache(request, tmp_path_factory) -> Path:
-    store = getattr(request.config, "cache", None)  # the judge, trained once (as tests/test_evaluate.py keeps it)
+    store = getattr(request.config, "cache", None)  # reference features, kept as tests/test_evaluate.py keeps them
     return Path(store.mkdir("ldm-eval-cache")) if store is not None else tmp_path_factory.mktemp("cache")
 
 

@@ -180,7 +180,7 @@ def test_inpainting_keeps_the_kept_region(lively, tmp_path, init_folder, monkeyp
 def test_evaluate_model_mode_generates_then_measures(export, tmp_path, request):
     from ldm.evaluate import evaluate
 
-    store = getattr(request.config, "cache", None)  # the judge cache shared with tests/test_evaluate.py
+    store = getattr(request.config, "cache", None)  # the reference-feature cache shared with tests/test_evaluate.py
     cache = Path(store.mkdir("ldm-eval-cache")) if store is not None else tmp_path / "cache"
     overrides = [f"model_path={export}", "n=3", "metrics=[fid,accuracy]", *FAST_SAMPLER,
                  f"paths.output_dir={tmp_path}", f"paths.cache_dir={cache}"]

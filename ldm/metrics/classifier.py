@@ -8,6 +8,12 @@ offline and ImageNet features say little about grey digits.
 
 The judge is trained on the MNIST-5k train split only, so its accuracy on the val split is an honest
 estimate of how often it is right about a real digit; that accuracy is stored with the cached weights.
+
+The MNIST-5k judge is shipped trained (``ldm/metrics/judges``), as Inception's weights are for ImageNet FID:
+its features are the unit of every FID/precision/recall on digits, and training is deterministic only on one
+CPU. The same code on another CPU (other float kernels) lands on other weights whose FIDs differ (the
+default model's CFG 1.75 samples: 12.0 under one machine's judge, 23-28 under another's), so figures from two
+machines could not be compared. Other data, another architecture or schedule trains its own and caches it.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from torch import Tensor, nn
 from ldm.metrics.features import module_fingerprint, to_uint8_nhwc
 
 _CACHE_FORMAT = "digit-judge-v1"  # bump when training code changes in a way the hyper-parameters do not show
+SHIPPED_JUDGES = Path(__file__).with_name("judges")  # judge-<key[:16]>.safetensors, used when the key matches
 
 
 @dataclass(frozen=True)
@@ -269,6 +276,24 @@ def _mnist5k_split(val_fraction: float, split_seed: int) -> _Mnist5kSplit:
     return _Mnist5kSplit(images[train_idx], labels[train_idx], images[val_idx], labels[val_idx])
 
 
+def _load_judge_file(path: Path, key: str, arch: JudgeArch) -> DigitJudge | None:
+    """The judge stored at ``path`` if it holds ``key``'s weights, else None (absent, or another key)."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        return None
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata() or {}
+        if metadata.get("cache_key") != key:
+            return None
+        judge = DigitJudge(arch.channels, arch.feature_dim, arch.dropout, arch.num_classes)
+        judge.load_state_dict({name: handle.get_tensor(name) for name in handle.keys()})
+    judge.eval()
+    judge.train_info = json.loads(metadata["train_info"])
+    judge.val_accuracy = judge.train_info.get("val_accuracy")
+    return judge
+
+
 def load_or_train_judge(
     cache_dir: str | os.PathLike,
     images: np.ndarray | None = None,
@@ -277,14 +302,15 @@ def load_or_train_judge(
     split_seed: int = 0,
     arch: JudgeArch | None = None,
     config: JudgeTrainConfig | None = None,
+    shipped: bool = True,
 ) -> DigitJudge:
     """The judge for a dataset, trained once and cached as safetensors keyed by :func:`judge_cache_key`.
 
     Defaults to MNIST-5k with the same stratified split as ``MNIST5kDataModule`` (val_fraction 0.1,
     seed 0), so the judge never trains on the digits the val accuracy is measured on. ``images``/``labels``
-    replace the dataset (uint8 (N, 28|32, 28|32) digits, split the same way).
+    replace the dataset (uint8 (N, 28|32, 28|32) digits, split the same way). A judge shipped with the
+    package for the same key is used first (``shipped=False`` skips it: a test of training itself).
     """
-    from safetensors import safe_open
     from safetensors.torch import save_file
 
     from ldm.data.mnist5k import stratified_split
@@ -302,17 +328,12 @@ def load_or_train_judge(
     key = judge_cache_key(
         split.train_images, split.train_labels, split.val_images, split.val_labels, arch, config
     )
-    path = Path(cache_dir) / f"judge-{key[:16]}.safetensors"
-    judge = DigitJudge(arch.channels, arch.feature_dim, arch.dropout, arch.num_classes)
-    if path.is_file():
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-            if metadata.get("cache_key") == key:
-                judge.load_state_dict({name: handle.get_tensor(name) for name in handle.keys()})
-                judge.eval()
-                judge.train_info = json.loads(metadata["train_info"])
-                judge.val_accuracy = judge.train_info.get("val_accuracy")
-                return judge
+    name = f"judge-{key[:16]}.safetensors"
+    for candidate in ((SHIPPED_JUDGES / name,) if shipped else ()) + (Path(cache_dir) / name,):
+        judge = _load_judge_file(candidate, key, arch)
+        if judge is not None:
+            return judge
+    path = Path(cache_dir) / name
     judge = train_judge(
         split.train_images, split.train_labels, split.val_images, split.val_labels, arch, config
     )

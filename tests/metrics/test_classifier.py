@@ -98,7 +98,8 @@ def test_cached_judge_loads_without_retraining(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_judge_reaches_95_percent_on_mnist5k_val(tmp_path):
-    judge = load_or_train_judge(tmp_path)  # MNIST-5k train split, default architecture and schedule
+    # MNIST-5k train split, default architecture and schedule, trained here (not the shipped judge)
+    judge = load_or_train_judge(tmp_path, shipped=False)
     assert judge.val_accuracy >= 0.95, judge.train_info
     assert judge.train_info["val_n"] == 500 and judge.train_info["train_n"] == 4500
 
@@ -109,3 +110,30 @@ def test_judge_reaches_95_percent_on_mnist5k_val(tmp_path):
     assert conditional_accuracy(judge, images[val_idx], labels[val_idx]) == judge.val_accuracy
     shuffled = np.random.default_rng(0).permutation(labels[val_idx])
     assert conditional_accuracy(judge, images[val_idx], shuffled) < 0.3
+
+
+# The shipped judge's weights define the units of every FID on digits recorded in the README and the studies;
+# replacing the file changes those units, so it must be a deliberate change of this fingerprint.
+SHIPPED_FINGERPRINT = "d123210de8ea"
+
+
+def test_the_mnist5k_judge_is_shipped_not_trained(tmp_path, monkeypatch):
+    def refuse_to_train(*args, **kwargs):
+        raise AssertionError("the default MNIST-5k judge is shipped; its key no longer matches the shipped file "
+                             "(re-ship ldm/metrics/judges/ or restore the key's inputs)")
+
+    monkeypatch.setattr(classifier, "train_judge", refuse_to_train)
+    judge = load_or_train_judge(tmp_path)
+    assert module_fingerprint(judge) == SHIPPED_FINGERPRINT
+    assert not list(tmp_path.iterdir()), "a shipped judge writes nothing to the cache"
+    assert not judge.training and judge.train_info["val_n"] == 500
+
+    from ldm.data.mnist5k import load_mnist5k_arrays, stratified_split
+
+    images, labels = load_mnist5k_arrays()
+    _, val_idx = stratified_split(labels, 0.1, 0)
+    # Another CPU's kernels may flip a borderline digit, not more.
+    assert abs(conditional_accuracy(judge, images[val_idx], labels[val_idx]) - judge.val_accuracy) <= 2 / 500
+
+    with pytest.raises(AssertionError, match="is shipped"):
+        load_or_train_judge(tmp_path, shipped=False)  # opting out trains
