@@ -1,7 +1,7 @@
 """``ldm-evaluate``: sample-quality metrics of a sample set, a model, or an autoencoder (conf/evaluate.yaml).
 
     ldm-evaluate samples=outputs/samples/<run>/samples.npz          # FID, KID, P/R, accuracy vs MNIST-5k
-    ldm-evaluate model_path=outputs/ldm/<run>/export n=100     # at the model's own guidance (the default: 2.5, t <= 600)
+    ldm-evaluate model_path=outputs/ldm/<run>/export n=100     # at the model's own guidance (the default: 3.5, t <= 400)
     ldm-evaluate autoencoder=outputs/vae/<run>/export               # PSNR, SSIM, LPIPS, rFID
 
 Every metric is reported with the number of samples (and reference samples) behind it and the feature

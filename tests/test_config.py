@@ -165,12 +165,12 @@ def test_clis_turn_unreadable_files_into_one_line(tmp_path, module, key, make, m
 
 def test_the_default_recipe_is_the_one_experiments_recipe_chose(compose_cfg, tmp_path):
     """make train's composition: LDM's scaled_linear schedule, DPM-Solver++(2M) at 20 steps, lr 1e-3, 1000 stage-2
-    steps (experiments/recipe/README.md has the measurements behind each), guidance only for t <= 600 at 2.5
+    steps (experiments/recipe/README.md has the measurements behind each), guidance only for t <= 400 at 3.5
     (experiments/guidance_methods/README.md)."""
     cfg = compose_cfg(["stage=ldm"], tmp_path)
     assert cfg.schedule.kind == "scaled_linear"
     assert (cfg.sampler.name, cfg.sampler.steps) == ("dpmpp_2m", 20)
-    assert cfg.stage.final_samples.guidance_scale == 2.5 and list(cfg.stage.module.preview.guidance_scales) == [1.0, 2.5]
-    assert (cfg.guidance.method, cfg.guidance.interval.low, cfg.guidance.interval.high) == ("cfg", 0.0, 600.0)
+    assert cfg.stage.final_samples.guidance_scale == 3.5 and list(cfg.stage.module.preview.guidance_scales) == [1.0, 3.5]
+    assert (cfg.guidance.method, cfg.guidance.interval.low, cfg.guidance.interval.high) == ("cfg", 0.0, 400.0)
     assert cfg.model.ldm.lr == 1e-3 and cfg.stage.max_steps == 1000
     assert cfg.objective.prediction == "eps"

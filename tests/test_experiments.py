@@ -92,8 +92,11 @@ def test_study_runs_in_smoke_mode_and_writes_its_report(smoke_env, name):
     assert study["title"] in table
     assert "|" in table and "How this table was made" in table
     assert (out / "report" / "results.png").stat().st_size > 1000
-    if specs[0].get("frontier"):  # the accuracy-vs-FID frontier of guidance_methods
-        assert (out / "report" / "results_frontier.png").stat().st_size > 1000
+    for i, spec in enumerate(specs):  # a second table of a study goes into report/<name>/
+        target = out / "report" / (spec["name"] if i > 0 or spec.get("name") else "")
+        assert (target / "results.md").is_file() and (target / "results.png").stat().st_size > 1000
+        if spec.get("frontier"):  # the accuracy-vs-FID frontiers of guidance_methods
+            assert (target / "results_frontier.png").stat().st_size > 1000
     assert result["timings"]
     if len(study["phases"]) > 1:  # rerun reusing every finished phase: no job runs, the same table
         again = run_study(name, smoke=True, base=smoke_env["base"], out=out, report_dir=out / "again",

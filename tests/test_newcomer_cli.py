@@ -71,9 +71,9 @@ def test_help_is_short_lists_the_launcher_and_only_this_apps_groups(monkeypatch,
 def test_one_default_guidance_scale_for_training_sampling_and_evaluation():
     stage = OmegaConf.load(ROOT / "conf" / "stage" / "ldm.yaml")
     trained = stage.final_samples.guidance_scale
-    # The default samples with guidance in a band (conf/guidance/interval.yaml) at 2.5; a model that records
+    # The default samples with guidance in a band (conf/guidance/interval.yaml) at 3.5; a model that records
     # neither method nor scale (an export from before the record) is sampled with plain CFG at its best scale.
-    assert trained == 2.5 and trained in stage.module.preview.guidance_scales
+    assert trained == 3.5 and trained in stage.module.preview.guidance_scales
     assert "guidance: interval" in (ROOT / "conf" / "train.yaml").read_text()
     assert sample_cli.DEFAULT_GUIDANCE_SCALE == 1.75
     for app in ("sample", "evaluate"):  # null: the export's own scale

@@ -83,8 +83,8 @@ def test_debug_fast_stage_2_on_the_stage_1_run_folder(sweep):
     assert "ldm-train finished:" in log and "next: ldm-sample" in log and "`Trainer.fit` stopped" in log
     # one preview per guidance scale, at the last step; 2 final samples per class
     assert sorted(p.name for p in (run / "images").glob("*.png")) == ["samples_cfg1_step0000004.png",
-                                                                      "samples_cfg2.5_step0000004.png"]
+                                                                      "samples_cfg3.5_step0000004.png"]
     assert np.load(run / "samples" / "samples.npz")["arr_0"].shape == (20, 32, 32, 1)
     recorded = yaml.safe_load((run / "export" / "config.yaml").read_text())
-    assert recorded["guidance_scale"] == 2.5 and recorded["guidance"]["interval"]["high"] == 600.0
+    assert recorded["guidance_scale"] == 3.5 and recorded["guidance"]["interval"]["high"] == 400.0
     assert not (run / "FAILED").exists()

@@ -64,8 +64,8 @@ def test_text_model_previews_draw_seeded_data_captions_and_say_which(vae_export,
     with caplog.at_level(logging.INFO):
         train(compose_cfg(overrides, tmp_path / "run"))
     chosen = [r for r in caplog.records if r.getMessage().startswith("previews draw 4 captions of the data")]
-    assert len(chosen) == 1 and "guidance_scale=2.5 skipped" not in caplog.text
-    grid = np.asarray(Image.open(tmp_path / "run" / "images" / "samples_cfg2.5_step0000002.png"))
+    assert len(chosen) == 1 and "guidance_scale=3.5 skipped" not in caplog.text
+    grid = np.asarray(Image.open(tmp_path / "run" / "images" / "samples_cfg3.5_step0000002.png"))
     assert grid.shape[:2] == to_uint8_grid(torch.zeros(8, 1, 32, 32), nrow=2).shape[:2]  # 4 prompts x 2
 
     dm = instantiate(compose_cfg(overrides, tmp_path / "again").data)

@@ -241,7 +241,7 @@ def test_previews_and_final_samples_pass_guidance_rescale(monkeypatch, tmp_path,
     module = SimpleNamespace(sampler=lambda: recorder, ema=None)
     cfg.stage.final_samples.per_class = 1
     write_final_samples(module, SimpleNamespace(num_classes=3, image_size=8), tmp_path / "final", cfg)
-    assert recorder.calls == [{"guidance_scale": 2.5, "guidance_rescale": 0.4}]  # the default final samples' scale
+    assert recorder.calls == [{"guidance_scale": 3.5, "guidance_rescale": 0.4}]  # the default final samples' scale
 
     from ldm.lit.sample_metrics import SampleMetricsCallback
 
