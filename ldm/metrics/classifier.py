@@ -329,11 +329,11 @@ def load_or_train_judge(
         split.train_images, split.train_labels, split.val_images, split.val_labels, arch, config
     )
     name = f"judge-{key[:16]}.safetensors"
-    for candidate in ((SHIPPED_JUDGES / name,) if shipped else ()) + (Path(cache_dir) / name,):
+    path = Path(cache_dir) / name
+    for candidate in ([SHIPPED_JUDGES / name] if shipped else []) + [path]:
         judge = _load_judge_file(candidate, key, arch)
         if judge is not None:
             return judge
-    path = Path(cache_dir) / name
     judge = train_judge(
         split.train_images, split.train_labels, split.val_images, split.val_labels, arch, config
     )
